@@ -1,0 +1,1 @@
+"""Sandboxed code execution and environments (2048, ...)."""

@@ -1,0 +1,1 @@
+"""Triton kernels for the training phase, each beside its pure-PyTorch reference."""
