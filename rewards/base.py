@@ -35,11 +35,14 @@ class RewardFunction:
         weight: multiplies this reward in the weighted sum (GRPOConfig.reward_weights overrides it).
         penalty: when None (default) a failing sample raises :class:`RewardError`; when a number,
             the failing sample gets this value instead and the failure is counted in the metrics.
+        required_columns: dataset columns this reward reads, with their type; the trainer checks every
+            row once, before training, and names the first bad row.
     """
 
     name: str | None = None
     weight: float = 1.0
     penalty: float | None = None
+    required_columns: dict[str, type | tuple[type, ...]] = {}
 
     def __init__(self, *, name: str | None = None, weight: float | None = None,
                  penalty: float | None = None) -> None:

@@ -1,0 +1,155 @@
+"""Loading the policy: base model (or vLLM's live weights), LoRA adapters, tokenizer and rollout engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlcore.config import GRPOConfig, ModelConfig
+from rlcore.rollout import RolloutEngine
+
+logger = logging.getLogger("rlcore")
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says how to point at a local copy."""
+
+
+@dataclass
+class Policy:
+    """What training needs: the LoRA-wrapped model, its tokenizer and the engine that samples from it."""
+
+    model: Any  # peft.PeftModel
+    tokenizer: Any
+    engine: RolloutEngine
+    model_path: str
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``"tiny"`` → the tiny random Llama-3 preset (built on first use); anything else unchanged."""
+    if name_or_path == "tiny":
+        from rlcore.testing import build_tiny_model
+
+        return build_tiny_model()
+    return name_or_path
+
+
+def choose_engine(model_config: ModelConfig) -> str:
+    """``"vllm"`` or ``"hf"``: "auto" picks vLLM when it is importable and a CUDA GPU is present."""
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    has_cuda = torch.cuda.is_available()
+    if model_config.engine == "vllm":
+        if not (has_vllm and has_cuda):
+            raise ValueError("engine='vllm' needs vllm installed (pip install 'rlcore[vllm]') and a CUDA GPU; "
+                             f"found vllm={'yes' if has_vllm else 'no'}, cuda={'yes' if has_cuda else 'no'}. "
+                             "Use engine='hf' (transformers generate) instead.")
+        return "vllm"
+    if model_config.engine == "hf":
+        return "hf"
+    chosen = "vllm" if has_vllm and has_cuda else "hf"
+    logger.info("engine='auto' chose %s (vllm importable: %s, CUDA: %s)", chosen, has_vllm, has_cuda)
+    return chosen
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_not_found_message(path, error)) from None
+    if tokenizer.pad_token_id is None:
+        # Llama-3 ships no pad token; any id works because padded positions are masked everywhere.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None) -> Policy:
+    """Builds the LoRA policy and its rollout engine as ``model_config`` says."""
+    path = resolve_model_path(model_config.model_name_or_path)
+    tokenizer = load_tokenizer(path, model_config.trust_remote_code)
+    engine_name = choose_engine(model_config)
+    if engine_name == "vllm":
+        from rlcore.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model_config.replace(model_name_or_path=path), grpo_config, tokenizer)
+        base = engine.build_shared_model()
+        model = add_lora(base, model_config)
+        engine.attach_policy(model)
+    else:
+        if model_config.dtype == "float8":
+            raise ValueError("dtype='float8' needs engine='vllm' (FP8 weights live in vLLM's buffers); "
+                             "use dtype='bfloat16' with engine='hf'")
+        base = load_base_model(path, model_config)
+        model = add_lora(base, model_config)
+        from rlcore.hf_engine import HFEngine
+
+        engine = HFEngine(model, tokenizer)
+    if grpo_config is not None and grpo_config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    logger.info("policy: %s, engine %s, %s trainable parameters", path, engine_name,
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=path)
+
+
+def compute_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the HF path computes in: 16-bit on GPU, float32 on CPU (16-bit matmuls there are slow and
+    too coarse to see a tiny model learn)."""
+    if device.type == "cpu":
+        return torch.float32
+    return model_config.torch_dtype
+
+
+def load_base_model(path: str, model_config: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(model_config, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=model_config.attn_implementation,
+            trust_remote_code=model_config.trust_remote_code)
+    except OSError as error:
+        raise ModelLoadError(_not_found_message(path, error)) from None
+    model.to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def add_lora(base, model_config: ModelConfig):
+    """Wraps ``base`` with trainable LoRA adapters (new, or loaded from ``model_config.lora_adapter_path``)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if model_config.lora_adapter_path:
+        if not os.path.isfile(os.path.join(model_config.lora_adapter_path, "adapter_config.json")):
+            raise ValueError(f"lora_adapter_path={model_config.lora_adapter_path!r} has no adapter_config.json; "
+                             "expected a PEFT adapter directory (e.g. a checkpoint's adapter/ folder)")
+        return PeftModel.from_pretrained(base, model_config.lora_adapter_path, is_trainable=True)
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in model_config.target_modules if m not in names]
+    if missing:
+        raise ValueError(f"target_modules {missing} are not modules of this model; it has e.g. "
+                         + ", ".join(sorted(n for n in names if n.endswith("proj"))[:8]))
+    lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
+                      lora_dropout=model_config.lora_dropout, target_modules=list(model_config.target_modules),
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing works with frozen embeddings (no need to force input grads).
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.get_base_model().config.use_cache = False
+
+
+def _not_found_message(path: str, error: Exception) -> str:
+    return (f"could not load model {path!r}: it is not a local model directory and it could not be "
+            f"downloaded ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            "Point at a local copy with --set model=/path/to/model-dir (a folder with config.json, weights and "
+            "tokenizer files), or use --set model=tiny for the tiny random test model.")
