@@ -1,0 +1,349 @@
+"""One GRPO-like policy step (forward + per-token log-probs + loss + backward) at Llama-3-8B shapes.
+
+Compares, side by side in one process:
+  naive  HF LlamaForCausalLM + PEFT LoRA, full logits → fp32 log_softmax → gather
+  liger  Liger-Kernel (if importable): apply_liger_kernel_to_llama (rope, swiglu, rms_norm) on the same model
+         + LigerFusedLinearGRPOLoss (no reference model, beta 0) for the head and loss
+  ours   rlcore.kernels.apply_kernels(rope, swiglu, rmsnorm, lora) + selective_log_softmax
+Model: Llama-3-8B config written below, random bf16 weights created directly on the GPU (no download);
+LoRA r16 on all 7 projections; gradient checkpointing (non-reentrant); SDPA attention.
+
+Throughput counts only the measured step. MFU uses *model* FLOPs per token (recomputation by checkpointing
+not counted): frozen weights cost 2N (forward) + 2N (backward w.r.t. activations; no weight gradients) = 4N
+with N the non-embedding parameters incl. lm_head; LoRA adds 6 × trainable; causal attention adds
+6 · n_layers · L · d_model (forward 2·L·d: QKᵀ and PV over L/2 keys on average; backward twice that).
+Peak = torch.cuda.max_memory_allocated during the step; "act" = peak minus memory held before the step
+(weights, LoRA, optimizer-free).
+
+  python benchmarks/train_step.py                 # full table (32 layers), < 8 min on an H100
+  python benchmarks/train_step.py --quick         # fewer shapes/steps
+  python benchmarks/train_step.py --longest       # also search the longest single completion that trains
+  python benchmarks/train_step.py --smoke         # CPU, tiny model: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rlcore.kernels import apply_kernels, offload_activations, revert_kernels, selective_log_softmax  # noqa: E402
+
+H100_BF16_DENSE_FLOPS = 989e12
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama3_8b_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # nonzero B, so the LoRA path is real work
+            torch.nn.init.normal_(p, std=1e-3)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def flops_per_token(config, trainable: int, length: int) -> float:
+    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i
+    frozen = layers * per_layer + v * h  # lm_head included, embedding lookup is not a matmul
+    return 4 * frozen + 6 * trainable + 6 * layers * length * h
+
+
+def grpo_like_loss(logp: torch.Tensor, advantages: torch.Tensor, eps: float = 0.2) -> torch.Tensor:
+    """Clipped-ratio loss with old = current (detached), as on the first GRPO iteration."""
+    ratio = torch.exp(logp - logp.detach())
+    adv = advantages[:, None].expand_as(logp)
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv).mean()
+
+
+@dataclass
+class Result:
+    method: str
+    shape: str
+    tokens_per_s: float = float("nan")
+    mfu: float = float("nan")
+    peak_gib: float = float("nan")
+    act_gib: float = float("nan")
+    error: str = ""
+
+
+class Runner:
+    def __init__(self, model, config, device: torch.device, temperature: float = 0.9) -> None:
+        self.model, self.config, self.device, self.temperature = model, config, device, temperature
+        base = model.get_base_model()
+        self.decoder, self.head = base.model, base.lm_head
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.liger_loss = None
+
+    def step(self, method: str, ids: torch.Tensor, advantages: torch.Tensor) -> float:
+        bsz, length = ids.shape
+        targets = ids[:, 1:]
+        if method == "naive":
+            logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
+            logps = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+            logp = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            loss = grpo_like_loss(logp, advantages)
+        else:
+            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            if method == "liger":
+                out = self.liger_loss(hidden, self.head.weight, targets, torch.ones_like(targets), advantages)
+                loss = out[0] if isinstance(out, (tuple, list)) else out
+            else:
+                logp = selective_log_softmax(hidden.reshape(-1, hidden.shape[-1]), self.head.weight,
+                                             targets.reshape(-1), self.temperature).view(bsz, length - 1)
+                loss = grpo_like_loss(logp, advantages)
+        loss.backward()
+        return float(loss.detach())
+
+    def measure(self, method: str, bsz: int, length: int, steps: int, warmup: int, offload: bool = False) -> Result:
+        shape = f"{bsz}x{length}"
+        res = Result(method, shape + (" +offload" if offload else ""))
+        cuda = self.device.type == "cuda"
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
+        adv = torch.randn(bsz, generator=gen).to(self.device)
+        ctx = offload_activations() if offload else contextlib.nullcontext()
+        try:
+            for _ in range(warmup):
+                with ctx:
+                    self.step(method, ids, adv)
+                self.model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            for _ in range(steps):
+                with ctx:
+                    self.step(method, ids, adv)
+                self.model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - start) / steps
+            res.tokens_per_s = bsz * length / elapsed
+            res.mfu = res.tokens_per_s * flops_per_token(self.config, self.trainable, length) / H100_BF16_DENSE_FLOPS
+            if cuda:
+                res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                res.act_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
+        except torch.OutOfMemoryError:
+            res.error = "OOM"
+        except Exception as exc:  # a failing method must not hide the others' numbers
+            res.error = f"{type(exc).__name__}: {str(exc)[:120]}"
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            if cuda:
+                gc.collect()
+                torch.cuda.empty_cache()
+        return res
+
+    def trains(self, method: str, length: int, offload: bool) -> bool:
+        return not self.measure(method, 1, length, steps=1, warmup=0, offload=offload).error
+
+    def longest(self, method: str, offload: bool, start: int, limit: int, budget_s: float) -> int:
+        """Largest single-sequence length (multiple of 1024) that completes a step, doubling then bisecting."""
+        t0 = time.perf_counter()
+        good, bad = 0, None
+        length = start
+        while length <= limit and time.perf_counter() - t0 < budget_s:
+            if self.trains(method, length, offload):
+                good, length = length, length * 2
+            else:
+                bad = length
+                break
+        if bad is None:
+            return good
+        while bad - good > 1024 and time.perf_counter() - t0 < budget_s:
+            mid = (good + bad) // 2 // 1024 * 1024
+            if mid <= good:
+                break
+            if self.trains(method, mid, offload):
+                good = mid
+            else:
+                bad = mid
+        return good
+
+
+def enable_method(method: str, runner: Runner) -> str | None:
+    """Puts the model in ``method``'s configuration; returns why it cannot run, if it cannot."""
+    revert_kernels(runner.model)
+    if method == "ours":
+        apply_kernels(runner.model, rope=True, swiglu=True, rmsnorm=True, lora=True)
+    elif method == "liger":
+        if runner.device.type != "cuda":
+            return "needs CUDA"
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+        except Exception as exc:
+            return f"liger-kernel not importable ({type(exc).__name__})"
+        # patches the modeling module globally and this model's modules: irreversible, so liger runs last
+        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=runner.model.get_base_model())
+        runner.liger_loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, compiled=False,
+                                                     loss_type="grpo", temperature=runner.temperature)
+    return None
+
+
+def print_table(results: list[Result], baseline: str = "naive") -> None:
+    by_shape: dict[str, Result] = {r.shape: r for r in results if r.method == baseline and not r.error}
+    print(f"\n{'method':8} {'shape':16} {'tok/s':>9} {'x naive':>8} {'MFU':>6} {'peak GiB':>9} {'act GiB':>8} "
+          f"{'peak/naive':>10}")
+    for r in results:
+        base = by_shape.get(r.shape)
+        if r.error:
+            print(f"{r.method:8} {r.shape:16} {r.error}")
+            continue
+        speed = r.tokens_per_s / base.tokens_per_s if base else float("nan")
+        mem = r.peak_gib / base.peak_gib if base and not math.isnan(base.peak_gib) else float("nan")
+        print(f"{r.method:8} {r.shape:16} {r.tokens_per_s:9.0f} {speed:8.2f} {r.mfu:6.1%} {r.peak_gib:9.2f} "
+              f"{r.act_gib:8.2f} {mem:10.2f}")
+
+
+def bench_logprobs(device: torch.device, n: int, hidden: int, vocab: int, dtype: torch.dtype, steps: int) -> None:
+    """The head alone: selective_log_softmax with the Triton row kernels vs the PyTorch chunked rows vs the
+    naive full-logits path, forward + backward, frozen weight."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h0 = torch.randn(n, hidden, generator=gen).to(device, dtype)
+    w = (torch.randn(vocab, hidden, generator=gen) * 0.02).to(device, dtype)
+    ids = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    g = torch.randn(n, generator=gen).to(device)
+    print(f"\nlog-prob head alone: N={n} H={hidden} V={vocab} {dtype}")
+    for name in ("triton", "torch", "naive"):
+        if name == "triton" and device.type != "cuda":
+            continue
+        try:
+            for i in range(steps + 1):
+                if i == 1:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    t0 = time.perf_counter()
+                h = h0.clone().requires_grad_()
+                if name == "naive":
+                    logits = (h @ w.t()).float()
+                    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+                else:
+                    logp = selective_log_softmax(h, w, ids, backend=name)
+                (logp * g).sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ms = (time.perf_counter() - t0) / steps * 1e3
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            print(f"  {name:7} {ms:8.2f} ms  peak {peak:6.2f} GiB")
+        except torch.OutOfMemoryError:
+            print(f"  {name:7} OOM")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B config (32 = full)")
+    parser.add_argument("--quick", action="store_true", help="8x640 and 16x640 only, fewer steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (or wherever), checks the script")
+    parser.add_argument("--methods", default="naive,ours,liger", help="comma list; liger always runs last")
+    parser.add_argument("--shapes", default=None, help="comma list of BxL, default 8x640,16x640,1x8192")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--longest", action="store_true", help="search the longest single completion that trains")
+    parser.add_argument("--longest-budget", type=float, default=150.0, help="seconds per search")
+    args = parser.parse_args(argv)
+
+    t_start = time.perf_counter()
+    if args.smoke:
+        device, dtype, config = torch.device("cpu"), torch.float32, tiny_config()
+        shapes = [(2, 16), (1, 32)]
+        steps, warmup = 1, 1
+    else:
+        if not torch.cuda.is_available():
+            print("needs a CUDA GPU (use --smoke on CPU)", file=sys.stderr)
+            return 2
+        device, dtype, config = torch.device("cuda"), torch.bfloat16, llama3_8b_config(args.layers)
+        shapes = [(8, 640), (16, 640)] + ([] if args.quick else [(1, 8192)])
+        steps, warmup = (2, 1) if args.quick else (3, 1)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    steps = args.steps or steps
+    methods = [m for m in ("naive", "ours", "liger") if m in args.methods.split(",")]
+
+    model = build_model(config, device, dtype)
+    runner = Runner(model, config, device)
+    print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} layers={config.num_hidden_layers} "
+          f"dtype={dtype} trainable={runner.trainable:,} torch={torch.__version__} "
+          f"setup={time.perf_counter() - t_start:.0f}s", flush=True)
+
+    results: list[Result] = []
+    longest: list[tuple[str, bool, int]] = []
+    for method in methods:
+        why = enable_method(method, runner)
+        if why:
+            results.extend(Result(method, f"{b}x{l}", error=f"skipped: {why}") for b, l in shapes)
+            continue
+        for bsz, length in shapes:
+            r = runner.measure(method, bsz, length, steps, warmup)
+            results.append(r)
+            print(f"  {r.method:6} {r.shape:10} {r.tokens_per_s:8.0f} tok/s peak {r.peak_gib:6.2f} GiB {r.error}",
+                  flush=True)
+        if args.longest and method in ("naive", "ours") and not args.smoke:
+            for offload in ((False, True) if method == "ours" else (False,)):
+                n = runner.longest(method, offload, start=8192, limit=262144, budget_s=args.longest_budget)
+                longest.append((method, offload, n))
+                print(f"  longest {method} offload={offload}: {n}", flush=True)
+    print_table(results)
+    del model, runner
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        bench_logprobs(device, 16 * 640, config.hidden_size, config.vocab_size, dtype, steps=3)
+    else:
+        bench_logprobs(device, 64, config.hidden_size, config.vocab_size, dtype, steps=1)
+    if longest:
+        print("\nlongest single completion that trains (multiple of 1024; 0 = not even the start length):")
+        for method, offload, n in longest:
+            print(f"  {method:6} offload={str(offload):5} {n}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

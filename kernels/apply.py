@@ -1,0 +1,154 @@
+"""Swaps HF Llama modules' forwards for rlcore's kernels. All coupling to transformers' internals is here.
+
+Written against transformers 5.17 – 5.23 (``models/llama/modeling_llama.py`` is the same in both for the
+parts used here): ``LlamaRMSNorm`` (``weight``, ``variance_epsilon``), ``LlamaMLP`` (``gate_proj``,
+``up_proj``, ``down_proj``, ``act_fn``), ``LlamaAttention.forward(hidden_states, position_embeddings,
+attention_mask, past_key_values, **kwargs)`` with ``position_embeddings = (cos, sin)`` of shape [B, L, D] and
+the attention kernel looked up in ``ALL_ATTENTION_FUNCTIONS``. Why per-instance forwards rather than
+replacing ``modeling_llama.apply_rotary_pos_emb``: that global is shared by every model in the process (the
+rollout engine's too); a patched instance affects only the model passed in, and ``revert_kernels`` undoes it.
+If transformers changes those attribute names, ``apply_kernels`` raises rather than computing something else.
+
+PEFT LoRA layers (``lora=True``, peft 0.17 – 0.21 ``peft.tuners.lora.layer.Linear``) get the LoRA-aware
+linear when exactly one adapter is active, no dropout, no DoRA, and x has the base weight's dtype (fp32
+adapters then compute in that dtype with fp32 accumulation instead of PEFT's fp32 upcast of x); otherwise (e.g. inside
+``disable_adapter()``, which reference log-probs use) they run PEFT's own forward.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .lora_linear import lora_linear
+from .rmsnorm import rmsnorm
+from .rope import apply_rope_
+from .swiglu import swiglu
+
+_ORIG = "_rlcore_original_forward"
+
+
+def _llama_classes() -> tuple[type, type, type]:
+    from transformers.models.llama import modeling_llama as ml
+
+    return ml.LlamaRMSNorm, ml.LlamaMLP, ml.LlamaAttention
+
+
+def _rmsnorm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return rmsnorm(hidden_states, self.weight, self.variance_epsilon, backend=self._rlcore_backend)
+
+
+def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._rlcore_backend))
+
+
+def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
+                       position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    # RoPE on the [B, L, H·D] projection outputs: they are not views, so the kernel rotates them in place
+    query_states, key_states = apply_rope_(self.q_proj(hidden_states), self.k_proj(hidden_states),
+                                           *position_embeddings, head_dim=self.head_dim,
+                                           backend=self._rlcore_backend)
+    query_states = query_states.view(hidden_shape).transpose(1, 2)
+    key_states = key_states.view(hidden_shape).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                eager_attention_forward)
+    attn_output, attn_weights = attention_interface(
+        self, query_states, key_states, value_states, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    original = getattr(self, _ORIG)
+    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return original(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.base_layer
+    if (name not in self.lora_A or self.use_dora.get(name, False) or not isinstance(base, nn.Linear)
+            or base.weight.requires_grad):
+        return original(x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    if not (isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and
+                                                 (dropout.p == 0 or not self.training))):
+        return original(x, *args, **kwargs)
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if x.dtype != base.weight.dtype or not (lora_a.is_floating_point() and lora_b.is_floating_point()):
+        return original(x, *args, **kwargs)
+    return lora_linear(x, base.weight, lora_a, lora_b, self.scaling[name], base.bias)
+
+
+def _patch(module: nn.Module, forward: Any, backend: str | None) -> None:
+    if not hasattr(module, _ORIG):
+        setattr(module, _ORIG, module.forward)
+    module._rlcore_backend = backend
+    module.forward = types.MethodType(forward, module)
+
+
+def _check(module: nn.Module, attrs: tuple[str, ...]) -> None:
+    missing = [a for a in attrs if not hasattr(module, a)]
+    if missing:
+        raise RuntimeError(f"{type(module).__name__} has no {missing}: this transformers version's Llama differs "
+                           "from the 5.17–5.23 layout rlcore.kernels.apply was written for")
+
+
+def apply_kernels(model: nn.Module, rope: bool = True, swiglu: bool = True, rmsnorm: bool = True,
+                  lora: bool = False, backend: str | None = None) -> dict[str, int]:
+    """Patches every Llama RMSNorm / MLP / attention (and PEFT LoRA linear if ``lora``) inside ``model``.
+
+    ``backend`` is passed to each kernel (``None``: Triton on CUDA, reference on CPU; see ``_utils``).
+    Returns how many modules of each kind were patched. Idempotent; ``revert_kernels`` undoes it.
+    """
+    norm_cls, mlp_cls, attn_cls = _llama_classes()
+    counts = {"rmsnorm": 0, "swiglu": 0, "rope": 0, "lora": 0}
+    lora_cls: type | None = None
+    if lora:
+        from peft.tuners.lora.layer import Linear as lora_cls  # noqa: N813
+    for module in model.modules():
+        if rmsnorm and isinstance(module, norm_cls):
+            _check(module, ("weight", "variance_epsilon"))
+            _patch(module, _rmsnorm_forward, backend)
+            counts["rmsnorm"] += 1
+        elif swiglu and isinstance(module, mlp_cls):
+            _check(module, ("gate_proj", "up_proj", "down_proj", "config"))
+            if module.config.hidden_act not in ("silu", "swish"):
+                continue
+            _patch(module, _mlp_forward, backend)
+            counts["swiglu"] += 1
+        elif rope and isinstance(module, attn_cls):
+            _check(module, ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config"))
+            _patch(module, _attention_forward, backend)
+            counts["rope"] += 1
+        elif lora_cls is not None and isinstance(module, lora_cls):
+            _check(module, ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "use_dora"))
+            _patch(module, _peft_lora_forward, backend)
+            counts["lora"] += 1
+    if not any(counts.values()):
+        raise ValueError(f"apply_kernels found no Llama module to patch in {type(model).__name__}")
+    return counts
+
+
+def revert_kernels(model: nn.Module) -> int:
+    """Restores the original forwards; returns how many modules were restored."""
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, _ORIG):
+            original = getattr(module, _ORIG)
+            module.__dict__.pop("forward", None)
+            if module.forward != original:  # the original was itself an instance-level forward
+                module.forward = original
+            delattr(module, _ORIG)
+            restored += 1
+    return restored

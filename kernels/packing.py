@@ -1,0 +1,125 @@
+"""Padding-free batches: completions packed into one row, positions restarting per sample.
+
+A packed batch is ``input_ids`` [1, T] (T = sum of real lengths), ``position_ids`` [1, T] that restart at 0
+for each sample, and ``cu_seqlens`` [B+1] int32 (flash-attn's varlen convention). No pad token is computed.
+
+Attention must not cross samples:
+* ``varlen_attention`` (standalone): flash-attn's ``flash_attn_varlen_func`` on CUDA when importable, else
+  SDPA with a block-diagonal causal mask (the CPU reference).
+* inside HF Llama (transformers 5.x): with ``attention_mask=None`` and packed ``position_ids``,
+  ``masking_utils.create_causal_mask`` detects the restarts (``find_packed_sequence_indices``) and builds
+  the block-diagonal mask for sdpa/eager (only without a KV cache: pass ``use_cache=False``); ``flash_attention_2`` reads ``cu_seq_lens_q/k`` and
+  ``max_length_q/k`` kwargs (``model_kwargs`` gives them) or derives them from ``position_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional, CUDA only
+    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover - depends on the install
+    flash_attn_varlen_func = None
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    cu_seqlens: torch.Tensor  # [B + 1] int32
+    max_seqlen: int
+    index: torch.Tensor | None = None  # flat indices into the padded [B, L] batch, when packed from one
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def model_kwargs(self, flash: bool = False) -> dict:
+        """Arguments for an HF decoder forward. ``flash=True`` adds the varlen kwargs that
+        ``flash_attention_2`` consumes; sdpa/eager build their block mask from ``position_ids``."""
+        # use_cache=False matters: HF only looks for packed positions when there is no KV cache
+        kwargs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "attention_mask": None,
+                  "use_cache": False}
+        if flash:
+            kwargs.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
+        return kwargs
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def _positions(lengths: torch.Tensor) -> torch.Tensor:
+    total = int(lengths.sum())
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.arange(total, device=lengths.device) - starts
+
+
+def pack_sequences(sequences: list[torch.Tensor]) -> PackedBatch:
+    """Packs 1-D token tensors end to end."""
+    if not sequences:
+        raise ValueError("pack_sequences needs at least one sequence")
+    if any(s.dim() != 1 or s.numel() == 0 for s in sequences):
+        raise ValueError("every sequence must be a non-empty 1-D tensor")
+    lengths = torch.tensor([s.numel() for s in sequences], device=sequences[0].device)
+    return PackedBatch(torch.cat(sequences).unsqueeze(0), _positions(lengths).unsqueeze(0), _cu_seqlens(lengths),
+                       int(lengths.max()))
+
+
+def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedBatch:
+    """Packs a padded [B, L] batch (left- and/or right-padded; real tokens contiguous per row)."""
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids and attention_mask must both be [B, L]; got {tuple(input_ids.shape)}, "
+                         f"{tuple(attention_mask.shape)}")
+    mask = attention_mask.bool()
+    lengths = mask.sum(1)
+    if (lengths == 0).any():
+        raise ValueError("a row of the batch has no real token")
+    index = mask.reshape(-1).nonzero().squeeze(1)
+    return PackedBatch(input_ids.reshape(-1)[index].unsqueeze(0), _positions(lengths).unsqueeze(0),
+                       _cu_seqlens(lengths), int(lengths.max()), index)
+
+
+def unpack(values: torch.Tensor, packed: PackedBatch, shape: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
+    """Scatters per-token ``values`` [T, ...] or [1, T, ...] back to a padded [B, L, ...] tensor."""
+    if packed.index is None:
+        raise ValueError("unpack needs a PackedBatch made by pack_padded (it records where tokens came from)")
+    if values.dim() >= 2 and values.shape[0] == 1 and values.shape[1] == packed.index.numel():
+        values = values[0]
+    out = values.new_full((shape[0] * shape[1], *values.shape[1:]), fill)
+    out = out.index_copy(0, packed.index, values)  # out of place: differentiable w.r.t. values
+    return out.view(shape[0], shape[1], *values.shape[1:])
+
+
+def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Boolean [T, T] mask, True where query i may attend key j (same sample, j <= i)."""
+    lengths = cu_seqlens.diff().long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+    t = seq.numel() if total is None else total
+    pos = torch.arange(t, device=cu_seqlens.device)
+    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hk, D] → [T, Hq, D] with SDPA under a block-diagonal causal mask."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: each kv head serves `groups` query heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    mask = block_diagonal_causal_mask(cu_seqlens, q.shape[0])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal attention within each packed sample. flash-attn varlen on CUDA if installed, else SDPA+mask."""
+    if backend != "torch" and q.is_cuda and flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      softmax_scale=scale, causal=True)
+    return varlen_attention_reference(q, k, v, cu_seqlens, scale)
