@@ -146,7 +146,7 @@ class GRPOConfig(_Serializable):
     # robustness
     max_consecutive_nonfinite: int = 3
     # memory
-    logprob_chunk_size: int = 1024
+    logprob_chunk_size: int | None = None  # tokens per lm_head chunk; None: from free GPU memory (1024 on CPU)
     gradient_checkpointing: bool = True
     # evaluation
     eval_steps: int | None = None
@@ -259,7 +259,8 @@ class GRPOConfig(_Serializable):
             _fail("vllm_importance_sampling_clip_max", high,
                   "a '*_truncate' mode needs vllm_importance_sampling_clip_min or _clip_max set")
         _positive_int("max_consecutive_nonfinite", self.max_consecutive_nonfinite)
-        _positive_int("logprob_chunk_size", self.logprob_chunk_size)
+        if self.logprob_chunk_size is not None:
+            _positive_int("logprob_chunk_size", self.logprob_chunk_size)
         if self.eval_steps is not None:
             _positive_int("eval_steps", self.eval_steps)
         _positive_int("per_device_eval_batch_size", self.per_device_eval_batch_size)

@@ -18,7 +18,7 @@ from rlcore.batching import BatchSchedule, MicroStep, PromptSampler
 from rlcore.config import GRPOConfig, ModelConfig
 from rlcore.data import is_conversational, load_rows, prompt_token_ids, validate_rows
 from rlcore.logprobs import completion_logprobs
-from rlcore.loss import LossSettings, grpo_loss, importance_sampling_correction
+from rlcore.loss import LossSettings, grpo_loss, importance_sampling_correction, sampler_mismatch
 from rlcore.model import Policy, add_lora, load_policy
 from rlcore.reporting import RunReporter
 from rlcore.rewards import RewardFunction, as_reward_function, score_completions
@@ -59,6 +59,7 @@ class GRPOTrainer:
         show_progress: bool = True,
     ) -> None:
         self.args = args if args is not None else GRPOConfig()
+        _seed_everything(self.args.seed)  # the LoRA initialisation draws from the global RNG
         self.policy = _build_policy(model, processing_class, model_config, engine, self.args)
         self.model, self.tokenizer, self.engine = self.policy.model, self.policy.tokenizer, self.policy.engine
         self.device = next(p.device for p in self.model.parameters())
@@ -103,7 +104,7 @@ class GRPOTrainer:
         self._consecutive_nonfinite = 0
         self._skipped_steps = 0
         self.step = 0
-        self.buffer: RolloutBatch | None = None
+        self.buffers: dict[int, RolloutBatch] = {}  # generation index → its rollouts
 
     # ------------------------------------------------------------------ the loop
     def train(self, resume_from_checkpoint: bool | str | None = None) -> dict[str, Any]:
@@ -140,25 +141,28 @@ class GRPOTrainer:
 
     def training_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-steps; returns its metrics."""
-        timings = {"generate": 0.0, "reward": 0.0, "train": 0.0, "sync": 0.0, "standby": 0.0}
-        micro_metrics: list[dict[str, float]] = []
-        trained_tokens = 0
-        for micro in self.schedule.micro_steps_for_optimizer_step(step):
-            if self.buffer is None or self.buffer.generation != micro.generation:
-                self.buffer = self.make_rollout_batch(micro.generation)  # generate → score → advantages
-                for key in ("generate", "reward", "standby", "reference"):
-                    timings[key] = timings.get(key, 0.0) + self.buffer.metrics.get(f"time_{key}", 0.0)
-            start = time.perf_counter()
-            values, tokens = self.micro_step(micro)  # loss → backward
-            timings["train"] += time.perf_counter() - start
+        micro_steps = self.schedule.micro_steps_for_optimizer_step(step)
+        timings = dict.fromkeys(("generate", "reward", "reference", "standby", "train", "sync"), 0.0)
+        for generation in sorted({micro.generation for micro in micro_steps}):
+            if generation not in self.buffers:
+                self.buffers = {g: b for g, b in self.buffers.items() if g >= micro_steps[0].generation}
+                batch = self.make_rollout_batch(generation)  # generate → score → advantages
+                self.buffers[generation] = batch
+                for key in ("generate", "reward", "reference", "standby"):
+                    timings[key] += batch.metrics[f"time_{key}"]
+        # "dapo" divides by the active tokens of every micro-batch of this optimizer step
+        items = sum(int(self._loss_mask(micro).sum()) for micro in micro_steps)
+        start = time.perf_counter()
+        micro_metrics, trained_tokens = [], 0
+        for micro in micro_steps:
+            values, tokens = self.micro_step(micro, items)  # loss → backward
             micro_metrics.append(values)
             trained_tokens += tokens
-        start = time.perf_counter()
         update = self.optimizer_step()  # update
-        timings["train"] += time.perf_counter() - start
-        sync_stats = self.engine.sync_weights() if update["applied"] else {}
-        timings["sync"] = sync_stats.get("seconds", 0.0)
-        return self._step_metrics(micro_metrics, update, timings, trained_tokens)
+        timings["train"] = time.perf_counter() - start
+        timings["sync"] = self.engine.sync_weights().get("seconds", 0.0) if update["applied"] else 0.0
+        return self._step_metrics(micro_metrics, update, timings, trained_tokens,
+                                  self.buffers[micro_steps[-1].generation])
 
     # ------------------------------------------------------------------ generate → score → advantages
     def make_rollout_batch(self, generation: int) -> RolloutBatch:
@@ -182,6 +186,7 @@ class GRPOTrainer:
         completions = [[{"role": "assistant", "content": r.text}] if is_conversational(p) else r.text
                        for p, r in zip(prompts, rollouts)]
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+        columns["completion_ids"] = [r.completion_ids for r in rollouts]  # as TRL passes them
         scores = score_completions(self.rewards, prompts, completions, columns, args.reward_weights)
         reward_seconds = time.perf_counter() - start
 
@@ -212,17 +217,25 @@ class GRPOTrainer:
     def _add_reference_logps(self, batch: RolloutBatch) -> None:
         """Old-policy, reference and sampling-correction terms, all computed once per generation, no grad."""
         args = self.args
-        needs_old = (args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps
+        # Off-policy unless every micro-step reading this generation falls before the same optimizer update.
+        uses_per_generation = args.steps_per_generation * args.num_iterations
+        needs_old = (args.gradient_accumulation_steps % uses_per_generation != 0
                      or args.vllm_importance_sampling_correction)
         if needs_old:
             batch.old_logps = self._logps_no_grad(batch)
-            batch.metrics.update(_mismatch_metrics(batch.old_logps, batch.sampling_logps, batch.completion_mask))
+            mask = batch.completion_mask
+            if args.mask_truncated_completions:
+                mask = mask * (~batch.truncated).unsqueeze(1)
+            # the train/inference mismatch, logged every step: the engine's logprobs vs the trainer's
+            mismatch = sampler_mismatch(batch.old_logps, batch.sampling_logps, mask)
+            batch.metrics.update({f"mismatch_{k}": float(v) for k, v in mismatch.items()})
             if args.vllm_importance_sampling_correction:
-                batch.is_weights, is_metrics = importance_sampling_correction(
-                    batch.old_logps, batch.sampling_logps, batch.completion_mask,
+                batch.is_weights, weight_metrics = importance_sampling_correction(
+                    batch.old_logps, batch.sampling_logps, mask,
                     mode=args.vllm_importance_sampling_mode, clip_min=args.vllm_importance_sampling_clip_min,
                     clip_max=args.vllm_importance_sampling_clip_max)
-                batch.metrics.update({f"sampling_is_{k}": float(v) for k, v in is_metrics.items()})
+                batch.metrics.update({f"sampling_is_{k}": float(v) for k, v in weight_metrics.items()
+                                      if k in ("min", "mean", "max", "fraction_corrected")})
         if args.beta > 0.0:
             with self.model.disable_adapter():  # the reference is the base model: no second copy of the weights
                 batch.ref_logps = self._logps_no_grad(batch)
@@ -240,9 +253,9 @@ class GRPOTrainer:
         return out
 
     # ------------------------------------------------------------------ loss
-    def micro_step(self, micro: MicroStep) -> tuple[dict[str, float], int]:
-        """Forward, loss and backward on one slice of the buffer; returns its metrics and token count."""
-        batch, rows = self.buffer, list(micro.sample_indices)
+    def micro_step(self, micro: MicroStep, items_in_step: int) -> tuple[dict[str, float], int]:
+        """Forward, loss and backward on one slice of a generation; returns its metrics and token count."""
+        batch, rows = self.buffers[micro.generation], list(micro.sample_indices)
         input_ids, attention_mask, width, columns = trimmed_inputs(batch, rows)
         want_entropy = self.args.top_entropy_quantile < 1.0
         out = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
@@ -252,14 +265,18 @@ class GRPOTrainer:
         def take(tensor):
             return None if tensor is None else tensor[rows][:, columns]
 
+        is_weights = batch.is_weights
+        if is_weights is not None and is_weights.shape[1] != 1:  # token-level weights are [N, C]
+            is_weights = take(is_weights)
+        elif is_weights is not None:
+            is_weights = is_weights[rows]
         loss, metrics = grpo_loss(
             logps.float(), take(batch.old_logps), take(batch.ref_logps), batch.advantages[rows],
-            take(batch.completion_mask), settings=self.loss_settings,
-            importance_weights=take(batch.is_weights), entropies=entropies,
-            truncated=batch.truncated[rows], num_items_in_batch=self._items_in_accumulated_batch(micro),
+            take(batch.completion_mask), settings=self.loss_settings, importance_weights=is_weights,
+            sampling_per_token_logps=take(batch.sampling_logps), entropies=entropies,
+            truncated=batch.truncated[rows], num_items_in_batch=items_in_step,
             gradient_accumulation_steps=self.args.gradient_accumulation_steps)
-        finite = bool(torch.isfinite(loss))
-        if finite:
+        if torch.isfinite(loss):
             loss.backward()
         else:
             self._nonfinite_in_step = True
@@ -267,25 +284,11 @@ class GRPOTrainer:
         metrics["loss"] = float(loss.detach())
         return metrics, int(attention_mask.sum())
 
-    def _items_in_accumulated_batch(self, micro: MicroStep) -> int:
-        """Active completion tokens over all micro-steps of this optimizer step (the "dapo" normaliser)."""
-        schedule = self.schedule
-        first = (micro.index // schedule.accumulation) * schedule.accumulation
-        total = 0
-        for index in range(first, first + schedule.accumulation):
-            other = schedule.micro_step(index)
-            mask = self._loss_mask_rows(other.sample_indices) if other.generation == self.buffer.generation else None
-            if mask is None:
-                # a later micro-step of this optimizer step reads the next generation: not generated yet, so
-                # the count uses this generation's slice at the same position as a stand-in.
-                mask = self._loss_mask_rows(other.sample_indices)
-            total += int(mask.sum())
-        return max(total, 1)
-
-    def _loss_mask_rows(self, rows) -> torch.Tensor:
-        mask = self.buffer.completion_mask[list(rows)]
+    def _loss_mask(self, micro: MicroStep) -> torch.Tensor:
+        batch, rows = self.buffers[micro.generation], list(micro.sample_indices)
+        mask = batch.completion_mask[rows]
         if self.args.mask_truncated_completions:
-            mask = mask * (~self.buffer.truncated[list(rows)]).unsqueeze(1)
+            mask = mask * (~batch.truncated[rows]).unsqueeze(1)
         return mask
 
     # ------------------------------------------------------------------ update
@@ -353,7 +356,7 @@ class GRPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": checkpoints.capture_rng_state(),
-            "buffer": self.buffer.to_state() if self.buffer is not None else None,
+            "buffers": {g: b.to_state() for g, b in self.buffers.items()},
             "consecutive_nonfinite": self._consecutive_nonfinite,
             "skipped_steps": self._skipped_steps,
         }
@@ -367,7 +370,7 @@ class GRPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         checkpoints.restore_rng_state(state["rng"])
-        self.buffer = RolloutBatch.from_state(state["buffer"], self.device) if state["buffer"] else None
+        self.buffers = {g: RolloutBatch.from_state(b, self.device) for g, b in state["buffers"].items()}
         self.step = state["step"]
         self._consecutive_nonfinite = state["consecutive_nonfinite"]
         self._skipped_steps = state["skipped_steps"]
@@ -381,14 +384,14 @@ class GRPOTrainer:
         return cached
 
     def _step_metrics(self, micro_metrics: list[dict[str, float]], update: dict[str, Any],
-                      timings: dict[str, float], trained_tokens: int) -> dict[str, Any]:
+                      timings: dict[str, float], trained_tokens: int, batch: RolloutBatch) -> dict[str, Any]:
         keys = {k for m in micro_metrics for k in m}
         metrics: dict[str, Any] = {}
         for key in sorted(keys):
             values = [m[key] for m in micro_metrics if key in m]
             metrics[key] = float(np.max(values)) if key.endswith("_max") else float(np.mean(values))
         metrics["loss"] = float(np.sum([m["loss"] for m in micro_metrics]))
-        metrics.update({k: v for k, v in self.buffer.metrics.items() if not k.startswith("time_")})
+        metrics.update({k: v for k, v in batch.metrics.items() if not k.startswith("time_")})
         metrics["grad_norm"] = update["grad_norm"]
         metrics["learning_rate"] = update["learning_rate"]
         metrics["update_skipped"] = not update["applied"]
@@ -398,8 +401,8 @@ class GRPOTrainer:
         total = sum(timings.values())
         metrics["time_step"] = total
         metrics["train_tokens_per_second"] = trained_tokens / max(timings["train"], 1e-9)
-        metrics["tokens_per_second"] = (trained_tokens + (self.buffer.metrics["completion_tokens"]
-                                                          if timings["generate"] else 0)) / max(total, 1e-9)
+        generated = batch.metrics["completion_tokens"] if timings["generate"] else 0
+        metrics["tokens_per_second"] = (trained_tokens + generated) / max(total, 1e-9)
         metrics["peak_memory_gib"] = _peak_memory_gib()
         return metrics
 
@@ -475,20 +478,6 @@ def _length_metrics(batch: RolloutBatch) -> dict[str, float]:
     lengths = batch.completion_mask.sum(1).float()
     return {"completion_length_mean": float(lengths.mean()), "completion_length_min": float(lengths.min()),
             "completion_length_max": float(lengths.max()), "truncated_fraction": float(batch.truncated.float().mean())}
-
-
-def _mismatch_metrics(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor
-                      ) -> dict[str, float]:
-    """How far the engine's sampling distribution is from the trainer's, on the sampled tokens.
-
-    ``mean |Δlogp|`` and the k3 estimate of KL(sampler ‖ trainer): E[exp(Δ) − Δ − 1], Δ = train − sampling.
-    """
-    mask = mask.bool()
-    delta = (train_logps - sampling_logps)[mask]
-    if delta.numel() == 0:
-        return {"mismatch_abs_logp": 0.0, "mismatch_kl": 0.0}
-    return {"mismatch_abs_logp": float(delta.abs().mean()),
-            "mismatch_kl": float((torch.exp(delta) - delta - 1).mean())}
 
 
 def _peak_memory_gib() -> float:

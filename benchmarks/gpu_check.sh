@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU checks for the shared-weight vLLM engine: pytest GPU tests + benchmarks/rl_step.py.
+# Run from the repository root on a CUDA machine with vllm 0.26.0 importable:
+#   bash benchmarks/gpu_check.sh quick   # GPU tests + a 2-layer Llama-3-8B-shaped smoke benchmark (eager)
+#   bash benchmarks/gpu_check.sh full    # the Llama-3-8B benchmark (CUDA graphs)
+#   bash benchmarks/gpu_check.sh all     # both
+# Logs and JSON go to $OUT (default ./gpu_check_out).
+set -uo pipefail
+mode="${1:-quick}"
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# From a plain checkout (not pip-installed) rlcore.rewards / .envs / .kernels live in top-level folders that
+# pyproject.toml maps into the package; link them in when that mapping is not installed.
+if ! python3 -c "import rlcore.kernels, rlcore.rewards" 2>/dev/null; then
+  for d in kernels rewards envs; do [ -e "rlcore/$d" ] || ln -s "../$d" "rlcore/$d"; done
+fi
+python3 -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())" \
+  2>&1 | tee "$OUT/versions.txt"
+status=0
+if [ "$mode" = quick ] || [ "$mode" = all ]; then
+  python3 -m pytest tests/test_vllm_engine.py -m "gpu or not gpu" -q -s -p no:cacheprovider 2>&1 \
+    | tee "$OUT/pytest.log" || status=1
+  python3 benchmarks/rl_step.py --layers 2 --eager --num-prompts 4 --steps 2 --completion-len 64 \
+    --search-lengths 1024,4096 --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || status=1
+fi
+if [ "$mode" = full ] || [ "$mode" = all ]; then
+  python3 benchmarks/rl_step.py --out "$OUT/rl_step.json" 2>&1 | tee "$OUT/rl_step.log" || status=1
+fi
+exit $status
