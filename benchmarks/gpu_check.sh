@@ -4,6 +4,10 @@
 #   bash benchmarks/gpu_check.sh quick   # GPU tests + a 2-layer Llama-3-8B-shaped smoke benchmark (eager)
 #   bash benchmarks/gpu_check.sh full    # the Llama-3-8B benchmark (CUDA graphs)
 #   bash benchmarks/gpu_check.sh all     # both
+#   bash benchmarks/gpu_check.sh regimes # rl_step at 1 prompt x 8 x 4096 and 16 prompts x 8 x 512 (CUDA graphs)
+#   bash benchmarks/gpu_check.sh example # python -m rlcore.run examples/gsm8k_grpo.py on a dummy Llama-3-8B dir
+#   bash benchmarks/gpu_check.sh kernels # kernel GPU tests + benchmarks/train_step.py (needs liger-kernel for its rows)
+#   bash benchmarks/gpu_check.sh longest # longest trainable completion with / without activation offload
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 set -uo pipefail
 mode="${1:-quick}"
@@ -27,5 +31,25 @@ if [ "$mode" = quick ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = full ] || [ "$mode" = all ]; then
   python3 benchmarks/rl_step.py --out "$OUT/rl_step.json" 2>&1 | tee "$OUT/rl_step.log" || status=1
+fi
+if [ "$mode" = regimes ]; then
+  python3 benchmarks/rl_step.py --num-prompts 1 --completion-len 4096 --max-model-len 4352 --micro-batch 1 \
+    --search-lengths "" --out "$OUT/rl_step_long.json" 2>&1 | tee "$OUT/rl_step_long.log" || status=1
+  python3 benchmarks/rl_step.py --num-prompts 16 --completion-len 512 --search-lengths "" \
+    --out "$OUT/rl_step_16.json" 2>&1 | tee "$OUT/rl_step_16.log" || status=1
+fi
+if [ "$mode" = example ]; then
+  model_dir=$(python3 -c "from rlcore.testing import write_llama3_8b_dummy_dir as w; print(w('/tmp/llama3-8b-dummy'))")
+  python3 -m rlcore.run examples/gsm8k_grpo.py --set model="$model_dir" --set load_format=dummy \
+    --set dataset=bundled --set max_steps=2 --set save_steps=2 --set output_dir="$OUT/example" --no-progress \
+    2>&1 | tee "$OUT/example.log" || status=1
+fi
+if [ "$mode" = kernels ]; then
+  python3 -m pytest tests/test_kernels_*.py -q -p no:cacheprovider 2>&1 | tee "$OUT/kernels_pytest.log" || status=1
+  python3 benchmarks/train_step.py 2>&1 | tee "$OUT/train_step.log" || status=1
+fi
+if [ "$mode" = longest ]; then
+  python3 benchmarks/train_step.py --quick --longest --methods naive,ours --longest-budget 120 2>&1 \
+    | tee "$OUT/train_step_longest.log" || status=1
 fi
 exit $status

@@ -34,16 +34,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from rlcore.testing import write_llama3_8b_dummy_dir  # noqa: E402
+
 GIB = 2**30
 DEVICE = "cuda"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
-    "attention_bias": False, "mlp_bias": False,
-}
 
 
 def device_used_gib() -> float:
@@ -52,13 +47,7 @@ def device_used_gib() -> float:
 
 
 def write_dummy_model(layers: int | None) -> str:
-    config = dict(LLAMA3_8B)
-    if layers:
-        config["num_hidden_layers"] = layers
-    path = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
-    with open(os.path.join(path, "config.json"), "w") as handle:
-        json.dump(config, handle)
-    return path
+    return write_llama3_8b_dummy_dir(layers=layers, with_tokenizer=False)
 
 
 # ---------------------------------------------------------------------- the training side

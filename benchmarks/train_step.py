@@ -45,9 +45,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def llama3_8b_config(layers: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-                       rms_norm_eps=1e-5, tie_word_embeddings=False)
+    from rlcore.testing import LLAMA3_8B_CONFIG
+
+    values = {k: v for k, v in LLAMA3_8B_CONFIG.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    return LlamaConfig(**{**values, "num_hidden_layers": layers})
 
 
 def tiny_config():

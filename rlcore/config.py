@@ -22,6 +22,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit")
 REPORT_TO = ("none", "tensorboard", "wandb")
 DTYPES = ("bfloat16", "float16", "float32", "float8")
 ENGINES = ("auto", "vllm", "hf")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -329,6 +330,7 @@ class ModelConfig(_Serializable):
     gpu_memory_utilization: float = 0.9
     standby: bool = True
     enforce_eager: bool = False
+    load_format: str = "auto"  # vLLM's load_format; "dummy": random weights of config.json's shapes (benchmarks)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False
 
@@ -347,6 +349,9 @@ class ModelConfig(_Serializable):
         self.target_modules = list(self.target_modules)
         _positive_int("max_seq_length", self.max_seq_length, 8)
         _choice("engine", self.engine, ENGINES)
+        _choice("load_format", self.load_format, LOAD_FORMATS)
+        if self.load_format == "dummy" and self.engine == "hf":
+            _fail("load_format", self.load_format, "'dummy' weights exist only in vLLM (engine='vllm' or 'auto')")
         _number("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
 
     @property

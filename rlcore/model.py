@@ -74,10 +74,13 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
     path = resolve_model_path(model_config.model_name_or_path)
     tokenizer = load_tokenizer(path, model_config.trust_remote_code)
     engine_name = choose_engine(model_config)
+    if model_config.load_format == "dummy" and engine_name != "vllm":
+        raise ValueError("load_format='dummy' needs the vLLM engine (vllm installed and a CUDA GPU)")
     if engine_name == "vllm":
         from rlcore.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(model_config.replace(model_name_or_path=path), grpo_config, tokenizer)
+        engine = VLLMEngine(model_config.replace(model_name_or_path=path), grpo_config, tokenizer,
+                            load_format=model_config.load_format)
         base = engine.build_shared_model()
         model = add_lora(base, model_config)
         engine.attach_policy(model)

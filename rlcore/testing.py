@@ -312,3 +312,38 @@ def tiny_corpus(num_problems: int = 2400) -> list[str]:
         texts.append(solution)
         texts.append(f"system\n\n{_ENGLISH.splitlines()[0]}\nuser\n\n{question}\nassistant\n\n{solution}")
     return texts
+
+
+# Meta-Llama-3-8B's architecture: what the GPU benchmarks and the dummy-weights example run at.
+LLAMA3_8B_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
+    "attention_bias": False, "mlp_bias": False,
+}
+
+
+def write_llama3_8b_dummy_dir(path: str | None = None, layers: int | None = None, with_tokenizer: bool = True) -> str:
+    """A model directory with Llama-3-8B's ``config.json`` and no weights, for vLLM's ``load_format="dummy"``.
+
+    With ``with_tokenizer`` the tiny preset's tokenizer files are copied in, so the directory loads through the
+    normal paths (``python -m rlcore.run ... --set model=DIR --set load_format=dummy``). The tiny tokenizer's
+    ids are a subset of the 128,256-entry vocabulary; generated ids beyond it decode as U+FFFD.
+    """
+    path = path or tempfile.mkdtemp(prefix="llama3-8b-dummy-")
+    os.makedirs(path, exist_ok=True)
+    config = dict(LLAMA3_8B_CONFIG)
+    if layers:
+        config["num_hidden_layers"] = layers
+    if with_tokenizer:
+        tiny = build_tiny_model()
+        for name in os.listdir(tiny):
+            if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+                shutil.copy(os.path.join(tiny, name), os.path.join(path, name))
+        # the tokenizer's special ids, so generation stops on <|eot_id|> as with the real Instruct model
+        config["bos_token_id"] = special_token_id(BEGIN_OF_TEXT)
+        config["eos_token_id"] = [special_token_id(END_OF_TEXT), special_token_id(EOT)]
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    return path
