@@ -67,7 +67,7 @@ def test_result_independent_of_chunk_size():
         (logp * g_logp).sum().backward()
         outs.append((logp.detach(), h.grad))
     for logp, grad in outs[1:]:
-        torch.testing.assert_close(logp, outs[0][0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(logp, outs[0][0], atol=2e-6, rtol=0)  # 1.4e-6 seen on an H100 (blocking)
         torch.testing.assert_close(grad, outs[0][1], atol=5e-6, rtol=0)  # matmul blocking differs
 
 

@@ -141,7 +141,7 @@ def test_rope_triton(dtype, layout):
     bsz, length, hq, hk, dim = 2, 7, 4, 2, 12
     g = torch.Generator().manual_seed(4)
     inv_freq = 1.0 / (500000 ** (torch.arange(0, dim, 2).float() / dim))
-    pos = torch.randint(0, 30, (bsz, length), generator=g)  # arbitrary, e.g. packed restarts
+    pos = torch.randint(0, 30, (bsz, length), generator=g).to(DEVICE)  # arbitrary, e.g. packed restarts
     cos, sin = rope_cos_sin(pos, inv_freq, torch.float64)
     xq = torch.randn(bsz, length, hq * dim, generator=g).to(DEVICE, dtype)
     xk = torch.randn(bsz, length, hk * dim, generator=g).to(DEVICE, dtype)
@@ -207,7 +207,9 @@ def test_gpu_selective_logprobs_llama3_vocab():
     logp = selective_log_softmax(hidden, weight, ids, 0.9, chunk_size=1024, backend="triton")
     (logp * g).sum().backward()
     peak = torch.cuda.max_memory_allocated() - base
-    assert peak < 1024 * v * 2 * 1.5 + 3 * n * h * 2  # one bf16 chunk of logits + [N, H] buffers
+    # Bounded by the chunk, not by N: about two chunk-sized [1024, V] bf16 buffers (logits and their softmax
+    # gradient) plus [N, H] buffers; measured 0.56 GB on an H100, where the full [N, V] bf16 logits are 1.05 GB.
+    assert peak < 1024 * v * 2 * 2.5 + 3 * n * h * 2
     ref = selective_log_softmax_naive(hidden.detach()[:512], weight, ids[:512], 0.9)
     torch.testing.assert_close(logp[:512].detach(), ref, atol=2e-2, rtol=0)
     h2 = hidden.detach().clone().requires_grad_()
