@@ -330,6 +330,7 @@ class ModelConfig(_Serializable):
     gpu_memory_utilization: float = 0.9
     standby: bool = True
     enforce_eager: bool = False
+    kernels: bool = True  # on CUDA: rlcore.kernels' RoPE / SwiGLU / RMSNorm / LoRA-linear in the trainer's model
     load_format: str = "auto"  # vLLM's load_format; "dummy": random weights of config.json's shapes (benchmarks)
     attn_implementation: str = "sdpa"
     trust_remote_code: bool = False

@@ -95,6 +95,10 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
         engine = HFEngine(model, tokenizer)
     if grpo_config is not None and grpo_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if model_config.kernels and next(model.parameters()).is_cuda:
+        from rlcore.kernels import apply_kernels
+
+        logger.info("kernels applied to the training model: %s", apply_kernels(model, lora=True))
     logger.info("policy: %s, engine %s, %s trainable parameters", path, engine_name,
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=path)
