@@ -2,7 +2,8 @@
 
 from .base import FunctionReward, RewardError, RewardFunction, as_reward_function
 from .math import CorrectAnswer, FormatReward, extract_final_answer
-from .code import FunctionWorks, NoCheating, StrategySucceeds, completion_text, extract_function
+from .base import completion_text
+from .code import FunctionWorks, NoCheating, StrategySucceeds, extract_function
 from .scoring import RewardScores, score_completions
 
 __all__ = [

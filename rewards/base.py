@@ -95,3 +95,25 @@ def as_reward_function(reward: RewardFunction | Callable[..., Sequence[float]]) 
 
 def _snake_case(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: the string itself, or the assistant content of a chat message list (several
+    assistant messages are joined by newlines; without any, all messages are)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _content_text(completion.get("content"))
+    if isinstance(completion, (list, tuple)):
+        messages = [m for m in completion if isinstance(m, dict)]
+        assistant = [m for m in messages if m.get("role", "assistant") == "assistant"]
+        return "\n".join(_content_text(m.get("content")) for m in (assistant or messages))
+    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multimodal-style parts: [{"type": "text", "text": ...}]
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return "" if content is None else str(content)

@@ -19,33 +19,12 @@ from rlcore.envs.game2048 import (ERROR, FAILED, FORBIDDEN, INVALID_MOVE, MAX_ST
                                   GameBoard, execute_strategy)
 from rlcore.envs.sandbox import SandboxLimits, WorkerPool, check_python_modules, default_pool
 
-from .base import RewardFunction
+from .base import RewardFunction, completion_text
 
 __all__ = ["FunctionWorks", "NoCheating", "StrategySucceeds", "completion_text", "extract_function"]
 
 # Markdown fences open and close at the start of a line ("a ```python block" inside prose is not one).
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([A-Za-z0-9_+.-]*)[^\n]*\n(.*?)^[ \t]*```", re.DOTALL | re.MULTILINE)
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or the assistant content of a chat message list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return _content_text(completion.get("content"))
-    if isinstance(completion, (list, tuple)):
-        messages = [m for m in completion if isinstance(m, dict)]
-        assistant = [m for m in messages if m.get("role", "assistant") == "assistant"]
-        return "\n".join(_content_text(m.get("content")) for m in (assistant or messages))
-    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multimodal-style parts: [{"type": "text", "text": ...}]
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
 
 
 def extract_function(text: str, name: str = "strategy") -> str | None:

@@ -16,7 +16,7 @@ import re
 from fractions import Fraction
 from typing import Any
 
-from .base import RewardFunction
+from .base import RewardFunction, completion_text
 
 __all__ = ["CorrectAnswer", "FormatReward", "answers_match", "extract_final_answer", "extract_reference_answer",
            "final_answer_line", "parse_number"]
@@ -125,20 +125,6 @@ def final_answer_line(text: str, allow_boxed: bool = True) -> str | None:
     return None
 
 
-def completion_text(completion: Any) -> str:
-    """A completion's text: the string itself, or the content of the last assistant message of a chat list."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return _content_text(completion.get("content"))
-    if isinstance(completion, (list, tuple)):
-        messages = [m for m in completion if isinstance(m, dict)]
-        assistant = [m for m in messages if m.get("role") == "assistant"]
-        chosen = assistant or messages
-        return _content_text(chosen[-1].get("content")) if chosen else ""
-    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")
-
-
 class CorrectAnswer(RewardFunction):
     """``correct`` when the completion's final answer equals the reference number, else ``wrong``.
 
@@ -239,11 +225,3 @@ def _canonical(value: Fraction) -> str:
     scaled = abs(value * 10 ** digits).numerator  # exact: no float rounding of long decimals
     whole, decimals = divmod(scaled, 10 ** digits)
     return f"{'-' if value < 0 else ''}{whole}.{decimals:0{digits}d}"
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multimodal-style parts: [{"type": "text", "text": ...}]
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)

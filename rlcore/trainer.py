@@ -142,6 +142,8 @@ class GRPOTrainer:
     def training_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over ``gradient_accumulation_steps`` micro-steps; returns its metrics."""
         micro_steps = self.schedule.micro_steps_for_optimizer_step(step)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # peak_memory_gib is per step
         timings = dict.fromkeys(("generate", "reward", "reference", "standby", "train", "sync"), 0.0)
         for generation in sorted({micro.generation for micro in micro_steps}):
             if generation not in self.buffers:
@@ -404,6 +406,11 @@ class GRPOTrainer:
         generated = batch.metrics["completion_tokens"] if timings["generate"] else 0
         metrics["tokens_per_second"] = (trained_tokens + generated) / max(total, 1e-9)
         metrics["peak_memory_gib"] = _peak_memory_gib()
+        if torch.cuda.is_available():
+            # what the device really holds after training: with vLLM, the allocator peak above also counts
+            # vLLM's memory pools, released or not
+            free, total = torch.cuda.mem_get_info()
+            metrics["device_memory_used_gib"] = (total - free) / 2**30
         return metrics
 
 
