@@ -63,8 +63,8 @@ tiny = {
     "gradient_accumulation_steps": 1,
     "max_prompt_length": 192,
     "max_completion_length": 32,
-    "max_steps": 8,
-    "save_steps": 4,
+    "max_steps": 30,
+    "save_steps": 10,
 }
 
 

@@ -151,7 +151,12 @@ def add_lora(base, model_config: ModelConfig):
 
 def enable_gradient_checkpointing(model) -> None:
     # Non-reentrant checkpointing works with frozen embeddings (no need to force input grads).
-    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    import warnings
+
+    with warnings.catch_warnings():
+        # transformers 5.x renames it (activation_checkpointing_*); the old name works on every version we support
+        warnings.simplefilter("ignore", FutureWarning)
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.get_base_model().config.use_cache = False
 
 
