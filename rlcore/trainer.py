@@ -100,7 +100,8 @@ class GRPOTrainer:
         self.lr_scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
                                           num_warmup_steps=math.ceil(self.args.warmup_ratio * self.total_steps),
                                           num_training_steps=self.total_steps)
-        self._prompt_cache: dict[tuple[str, int], tuple[list[int], bool]] = {}
+        self._prompt_cache: dict[tuple[str, int], tuple[list[int], bool]] = {}  # (split, row) → ids, truncated
+        self._nonfinite_in_step = False
         self._consecutive_nonfinite = 0
         self._skipped_steps = 0
         self.step = 0
@@ -169,9 +170,9 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ generate → score → advantages
     def make_rollout_batch(self, generation: int) -> RolloutBatch:
         args = self.args
-        rows = [self.train_rows[i] for i in self.sampler.completion_rows(generation)]
         row_ids = self.sampler.completion_rows(generation)
-        encoded = [self._encode_prompt(i, self.train_rows[i]["prompt"]) for i in row_ids]
+        rows = [self.train_rows[i] for i in row_ids]
+        encoded = [self._encode_prompt("train", i, row["prompt"]) for i, row in zip(row_ids, rows)]
         prompt_ids = [ids for ids, _ in encoded]
         prompts_truncated = sum(t for _, t in encoded) // args.num_generations
 
@@ -296,8 +297,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ update
     def optimizer_step(self) -> dict[str, Any]:
         """Clips and applies the accumulated gradient unless it is NaN/inf; then advances the LR schedule."""
-        nonfinite = getattr(self, "_nonfinite_in_step", False)
-        self._nonfinite_in_step = False
+        nonfinite, self._nonfinite_in_step = self._nonfinite_in_step, False
         if self.args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
         else:
@@ -335,7 +335,7 @@ class GRPOTrainer:
     def evaluate(self) -> dict[str, float]:
         """Mean reward of one greedy completion per eval prompt."""
         rows = self.eval_rows
-        prompt_ids = [self._encode_prompt(-1 - i, row["prompt"])[0] for i, row in enumerate(rows)]
+        prompt_ids = [self._encode_prompt("eval", i, row["prompt"])[0] for i, row in enumerate(rows)]
         self.engine.wake()
         rollouts = []
         size = self.args.per_device_eval_batch_size
@@ -378,12 +378,12 @@ class GRPOTrainer:
         self._skipped_steps = state["skipped_steps"]
         self.engine.sync_weights()
 
-    def _encode_prompt(self, key: int, prompt: Any) -> tuple[list[int], bool]:
-        cached = self._prompt_cache.get((id(prompt), key))
-        if cached is None:
-            cached = prompt_token_ids(self.tokenizer, prompt, self.args.max_prompt_length)
-            self._prompt_cache[(id(prompt), key)] = cached
-        return cached
+    def _encode_prompt(self, split: str, row: int, prompt: Any) -> tuple[list[int], bool]:
+        """Token ids of a dataset row's prompt, tokenised once per run."""
+        key = (split, row)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = prompt_token_ids(self.tokenizer, prompt, self.args.max_prompt_length)
+        return self._prompt_cache[key]
 
     def _step_metrics(self, micro_metrics: list[dict[str, float]], update: dict[str, Any],
                       timings: dict[str, float], trained_tokens: int, batch: RolloutBatch) -> dict[str, Any]:

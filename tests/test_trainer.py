@@ -210,3 +210,17 @@ def test_cli_bad_dataset_row_is_named(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert result.returncode == 2
     assert "row 1: field 'answer' must be a string" in result.stderr
+
+
+def test_eval_every_n_steps_reports_greedy_reward(tmp_path):
+    from rlcore.trainer import GRPOTrainer
+
+    config = small_config(tmp_path, max_steps=4, eval_steps=2, per_device_eval_batch_size=3)
+    trainer = GRPOTrainer(ModelConfig(model_name_or_path="tiny", engine="hf", dtype="float32"),
+                          reward_funcs=[DigitShare()], args=config, train_dataset=ROWS, eval_dataset=ROWS[:5],
+                          show_progress=False)
+    records = read_metrics(trainer.train()["metrics_file"])
+    assert ["eval_reward_mean" in r for r in records] == [False, True, False, True]
+    # greedy decoding: evaluating the same adapter twice gives the same score
+    assert trainer.evaluate() == trainer.evaluate()
+    assert 0.0 <= records[-1]["eval_reward_mean"] <= 1.0
