@@ -67,11 +67,11 @@ def pad_rollouts(rollouts: list[Rollout], pad_token_id: int, device: torch.devic
 
 
 def trimmed_inputs(batch: RolloutBatch, rows: list[int] | tuple[int, ...] | slice
-                   ) -> tuple[torch.Tensor, torch.Tensor, int, slice]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``input_ids``/``attention_mask`` of the selected rows with all-padding columns cut off both ends.
 
-    Returns (input_ids, attention_mask, completion_width, completion_columns): the completion part keeps
-    only as many columns as the longest selected completion, so no compute goes to padding-only columns.
+    Returns (input_ids, attention_mask, completion_width): the completion part keeps only as many columns as
+    the longest selected completion, so no compute goes to padding-only columns.
     """
     index = torch.as_tensor(rows, device=batch.prompt_ids.device) if not isinstance(rows, slice) else rows
     prompt_mask = batch.prompt_mask[index]
@@ -81,4 +81,4 @@ def trimmed_inputs(batch: RolloutBatch, rows: list[int] | tuple[int, ...] | slic
     input_ids = torch.cat([batch.prompt_ids[index][:, first_prompt_column:],
                            batch.completion_ids[index][:, :completion_width]], dim=1)
     attention_mask = torch.cat([prompt_mask[:, first_prompt_column:], completion_mask[:, :completion_width]], dim=1)
-    return input_ids, attention_mask, completion_width, slice(0, completion_width)
+    return input_ids, attention_mask, completion_width

@@ -185,12 +185,7 @@ class GRPOTrainer:
         standby_seconds = (time.perf_counter() - start) - generate_seconds
 
         start = time.perf_counter()
-        prompts = [row["prompt"] for row in rows]
-        completions = [[{"role": "assistant", "content": r.text}] if is_conversational(p) else r.text
-                       for p, r in zip(prompts, rollouts)]
-        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-        columns["completion_ids"] = [r.completion_ids for r in rollouts]  # as TRL passes them
-        scores = score_completions(self.rewards, prompts, completions, columns, args.reward_weights)
+        scores, completions = self._score(rows, rollouts)
         reward_seconds = time.perf_counter() - start
 
         rewards = torch.as_tensor(scores.weighted_sum(), dtype=torch.float32)
@@ -249,7 +244,7 @@ class GRPOTrainer:
         size = self.args.per_device_train_batch_size
         for start in range(0, batch.completion_ids.shape[0], size):
             rows = list(range(start, min(start + size, batch.completion_ids.shape[0])))
-            input_ids, attention_mask, width, _ = trimmed_inputs(batch, rows)
+            input_ids, attention_mask, width = trimmed_inputs(batch, rows)
             logps = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
                                         self.args.logprob_chunk_size)
             out[rows, :width] = logps.float()
@@ -259,14 +254,14 @@ class GRPOTrainer:
     def micro_step(self, micro: MicroStep, items_in_step: int) -> tuple[dict[str, float], int]:
         """Forward, loss and backward on one slice of a generation; returns its metrics and token count."""
         batch, rows = self.buffers[micro.generation], list(micro.sample_indices)
-        input_ids, attention_mask, width, columns = trimmed_inputs(batch, rows)
+        input_ids, attention_mask, width = trimmed_inputs(batch, rows)
         want_entropy = self.args.top_entropy_quantile < 1.0
         out = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
                                   self.args.logprob_chunk_size, return_entropy=want_entropy)
         logps, entropies = out if want_entropy else (out, None)
 
         def take(tensor):
-            return None if tensor is None else tensor[rows][:, columns]
+            return None if tensor is None else tensor[rows][:, :width]
 
         is_weights = batch.is_weights
         if is_weights is not None and is_weights.shape[1] != 1:  # token-level weights are [N, C]
@@ -342,15 +337,21 @@ class GRPOTrainer:
         for start in range(0, len(prompt_ids), size):
             rollouts += self.engine.generate(prompt_ids[start:start + size], self.sampling_settings(greedy=True))
         self.engine.sleep()
-        prompts = [row["prompt"] for row in rows]
-        completions = [[{"role": "assistant", "content": r.text}] if is_conversational(p) else r.text
-                       for p, r in zip(prompts, rollouts)]
-        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
-        scores = score_completions(self.rewards, prompts, completions, columns, self.args.reward_weights)
+        scores, _ = self._score(rows, rollouts)
         out = {"eval_reward_mean": float(scores.weighted_sum().mean())}
         for j, name in enumerate(scores.names):
             out[f"eval_rewards/{name}"] = float(scores.values[:, j].mean())
         return out
+
+    def _score(self, rows: list[dict[str, Any]], rollouts: list) -> tuple[Any, list[Any]]:
+        """Every reward on every completion; completions are chat messages where the prompt was."""
+        prompts = [row["prompt"] for row in rows]
+        completions = [[{"role": "assistant", "content": r.text}] if is_conversational(p) else r.text
+                       for p, r in zip(prompts, rollouts)]
+        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+        columns["completion_ids"] = [r.completion_ids for r in rollouts]  # as TRL passes them
+        scores = score_completions(self.rewards, prompts, completions, columns, self.args.reward_weights)
+        return scores, completions
 
     def save_checkpoint(self) -> str:
         state = {
