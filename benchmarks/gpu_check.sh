@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh all     # both
 #   bash benchmarks/gpu_check.sh regimes # rl_step at 1 prompt x 8 x 4096 and 16 prompts x 8 x 512 (CUDA graphs)
 #   bash benchmarks/gpu_check.sh example # python -m rlcore.run examples/gsm8k_grpo.py on a dummy Llama-3-8B dir
-#   bash benchmarks/gpu_check.sh kernels # kernel GPU tests + benchmarks/train_step.py (needs liger-kernel for its rows)
+#   bash benchmarks/gpu_check.sh kernels # kernel GPU tests + train_step.py + kernel_ops.py (liger-kernel for its rows)
 #   bash benchmarks/gpu_check.sh longest # longest trainable completion with / without activation offload
 # Logs and JSON go to $OUT (default ./gpu_check_out).
 set -uo pipefail
@@ -45,11 +45,17 @@ if [ "$mode" = example ]; then
     2>&1 | tee "$OUT/example.log" || status=1
 fi
 if [ "$mode" = kernels ]; then
-  python3 -m pytest tests/test_kernels_*.py -q -p no:cacheprovider 2>&1 | tee "$OUT/kernels_pytest.log" || status=1
-  python3 benchmarks/train_step.py 2>&1 | tee "$OUT/train_step.log" || status=1
+  python3 -m pytest tests/test_kernels_*.py tests/test_padding_free.py tests/test_activation_offloading.py -q \
+    -p no:cacheprovider 2>&1 | tee "$OUT/kernels_pytest.log" || status=1
+  python3 benchmarks/train_step.py --methods naive,ours,ours-offload,ours-keep,naive-nockpt,liger 2>&1 \
+    | tee "$OUT/train_step.log" || status=1
+  python3 benchmarks/kernel_ops.py --json "$OUT/kernel_ops.json" 2>&1 | tee "$OUT/kernel_ops.log" || status=1
 fi
 if [ "$mode" = longest ]; then
-  python3 benchmarks/train_step.py --quick --longest --methods naive,ours --longest-budget 120 2>&1 \
+  # one step at 100k+ tokens takes 45-180 s (attention is quadratic): start near the known limits
+  python3 benchmarks/train_step.py --methods "" --longest ours --longest-start 122880 --longest-budget 150 2>&1 \
     | tee "$OUT/train_step_longest.log" || status=1
+  python3 benchmarks/train_step.py --methods "" --longest ours-offload --longest-start 163840 --longest-budget 400 \
+    2>&1 | tee -a "$OUT/train_step_longest.log" || status=1
 fi
 exit $status

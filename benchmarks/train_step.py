@@ -19,6 +19,14 @@ Peak = torch.cuda.max_memory_allocated during the step; "act" = peak minus memor
   python benchmarks/train_step.py --quick         # fewer shapes/steps
   python benchmarks/train_step.py --longest       # also search the longest single completion that trains
   python benchmarks/train_step.py --smoke         # CPU, tiny model: checks the script runs
+
+Variants (rows named method+variant):
+  naive-nockpt   naive without gradient checkpointing (how much of ours comes from not recomputing)
+  ours-keep      ours with the last layers left out of checkpointing while their saved activations fit
+                 --keep-gib (rlcore.kernels.recompute; the trainer's ``activation_memory_gib``)
+  ours-offload   ours with activation offload (checkpoints in pinned host memory)
+  --profile M,…  torch.profiler tables of those methods at the first shape: GPU time by kernel family,
+                 host time by operation
 """
 
 from __future__ import annotations
@@ -36,7 +44,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlcore.kernels import apply_kernels, offload_activations, revert_kernels, selective_log_softmax  # noqa: E402
+from rlcore.kernels import (apply_kernels, offload_activations, plan_checkpointing, release_host_cache,  # noqa: E402
+                            revert_kernels, saved_bytes_per_layer, selective_log_softmax, set_checkpointed_layers)
 
 H100_BF16_DENSE_FLOPS = 989e12
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -95,6 +104,14 @@ def grpo_like_loss(logp: torch.Tensor, advantages: torch.Tensor, eps: float = 0.
     return -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv).mean()
 
 
+def host_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 @dataclass
 class Result:
     method: str
@@ -104,6 +121,7 @@ class Result:
     peak_gib: float = float("nan")
     act_gib: float = float("nan")
     error: str = ""
+    note: str = ""
 
 
 class Runner:
@@ -117,6 +135,7 @@ class Runner:
     def step(self, method: str, ids: torch.Tensor, advantages: torch.Tensor) -> float:
         bsz, length = ids.shape
         targets = ids[:, 1:]
+        method = method.split("-")[0]
         if method == "naive":
             logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
             logps = torch.log_softmax(logits.float() / self.temperature, dim=-1)
@@ -134,17 +153,39 @@ class Runner:
         loss.backward()
         return float(loss.detach())
 
-    def measure(self, method: str, bsz: int, length: int, steps: int, warmup: int, offload: bool = False) -> Result:
+    def configure(self, method: str, bsz: int, length: int, keep_gib: float) -> str:
+        """Sets which layers are checkpointed for ``method``'s variant; returns a note for the table."""
+        layers = self.config.num_hidden_layers
+        if method == "naive-nockpt":
+            # an OOM half-way through a step can leave blocks unreleased, skewing every later row: estimate
+            # first (saved activations of every layer + the fp32 logits path) and skip what cannot fit
+            ids = torch.zeros(bsz, length, dtype=torch.long, device=self.device)
+            need = saved_bytes_per_layer(self.model, ids).full * layers + bsz * length * self.config.vocab_size * 10
+            if self.device.type == "cuda" and need > torch.cuda.mem_get_info()[0]:
+                raise MemoryError(f"skipped: needs ~{need / 2**30:.0f} GiB of activations")
+            set_checkpointed_layers(self.model, layers)
+            return f"{layers}/{layers} kept"
+        if method == "ours-keep":
+            ids = torch.zeros(bsz, length, dtype=torch.long, device=self.device)
+            memory = saved_bytes_per_layer(self.model, ids)
+            left_out = plan_checkpointing(layers, memory, keep_gib * 2**30)
+            set_checkpointed_layers(self.model, left_out)
+            return f"{left_out}/{layers} kept, {memory.saving / 2**30:.2f} GiB each"
+        set_checkpointed_layers(self.model, 0)
+        return ""
+
+    def measure(self, method: str, bsz: int, length: int, steps: int, warmup: int, keep_gib: float = 0.0) -> Result:
         shape = f"{bsz}x{length}"
-        res = Result(method, shape + (" +offload" if offload else ""))
+        res = Result(method, shape)
         cuda = self.device.type == "cuda"
         gen = torch.Generator(device="cpu").manual_seed(0)
         ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
         adv = torch.randn(bsz, generator=gen).to(self.device)
-        ctx = offload_activations() if offload else contextlib.nullcontext()
+        offload = method.endswith("-offload")
         try:
+            res.note = self.configure(method, bsz, length, keep_gib)
             for _ in range(warmup):
-                with ctx:
+                with offload_activations(enabled=offload):
                     self.step(method, ids, adv)
                 self.model.zero_grad(set_to_none=True)
             if cuda:
@@ -155,7 +196,7 @@ class Runner:
                 before = torch.cuda.memory_allocated()
             start = time.perf_counter()
             for _ in range(steps):
-                with ctx:
+                with offload_activations(enabled=offload):
                     self.step(method, ids, adv)
                 self.model.zero_grad(set_to_none=True)
             if cuda:
@@ -168,45 +209,95 @@ class Runner:
                 res.act_gib = (torch.cuda.max_memory_allocated() - before) / 2**30
         except torch.OutOfMemoryError:
             res.error = "OOM"
+        except MemoryError as exc:
+            res.error = str(exc)
         except Exception as exc:  # a failing method must not hide the others' numbers
             res.error = f"{type(exc).__name__}: {str(exc)[:120]}"
         finally:
             self.model.zero_grad(set_to_none=True)
+            set_checkpointed_layers(self.model, 0)
             if cuda:
                 gc.collect()
                 torch.cuda.empty_cache()
+                release_host_cache()
         return res
 
-    def trains(self, method: str, length: int, offload: bool) -> bool:
-        return not self.measure(method, 1, length, steps=1, warmup=0, offload=offload).error
+    def profile(self, method: str, bsz: int, length: int, top: int = 20) -> None:
+        """GPU time of one step by kernel and by family (GEMM, attention, Triton, elementwise, copies), and the
+        host-side operations that take the most CPU time (launch overhead, pinned allocations)."""
+        from torch.profiler import ProfilerActivity, profile
 
-    def longest(self, method: str, offload: bool, start: int, limit: int, budget_s: float) -> int:
-        """Largest single-sequence length (multiple of 1024) that completes a step, doubling then bisecting."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
+        adv = torch.randn(bsz, generator=gen).to(self.device)
+        offload = method.endswith("-offload")
+        self.configure(method, bsz, length, 0.0)
+        for profiled in (False, True):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if profiled \
+                    else contextlib.nullcontext() as prof:
+                with offload_activations(enabled=offload):
+                    self.step(method, ids, adv)
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+            self.model.zero_grad(set_to_none=True)
+        events = prof.key_averages()
+        gpu = [e for e in events if e.self_device_time_total > 0]
+        total = sum(e.self_device_time_total for e in gpu) or 1.0
+        families: dict[str, float] = {}
+        for e in gpu:
+            name = e.key.lower()
+            family = ("attention" if any(k in name for k in ("flash", "fmha", "sdpa", "mem_eff"))
+                      else "gemm" if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "matmul"))
+                      else "copy" if any(k in name for k in ("memcpy", "memset", "copy"))
+                      else "triton" if "_kernel" in name and not name.startswith("void")
+                      else "elementwise/other")
+            families[family] = families.get(family, 0.0) + e.self_device_time_total
+        print(f"\nprofile {method} {bsz}x{length}: GPU busy {total / 1e3:.1f} ms of {wall * 1e3:.1f} ms wall "
+              f"(profiled step)")
+        for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
+            print(f"  {family:18} {t / 1e3:8.1f} ms {t / total:6.1%}")
+        for e in sorted(gpu, key=lambda e: -e.self_device_time_total)[:top]:
+            print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+        print("  host side, by self CPU time:")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+            print(f"  {e.self_cpu_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
+        set_checkpointed_layers(self.model, 0)
+
+    def trains(self, method: str, length: int, offload: bool) -> bool:
+        if offload:
+            method += "-offload"
+            # the checkpoints go to pinned host memory: never ask for more than 70% of what the host has free
+            need = self.config.num_hidden_layers * length * self.config.hidden_size * 2
+            if need > 0.7 * host_available_bytes():
+                print(f"    {length}: skipped, {need / 2**30:.0f} GiB of pinned host memory needed", flush=True)
+                return False
         t0 = time.perf_counter()
-        good, bad = 0, None
-        length = start
+        res = self.measure(method, 1, length, steps=1, warmup=0)
+        print(f"    {method} {length}: {res.error or 'ok'} ({time.perf_counter() - t0:.0f}s, "
+              f"peak {res.peak_gib:.1f} GiB)", flush=True)
+        return not res.error
+
+    def longest(self, method: str, offload: bool, start: int, limit: int, budget_s: float,
+                growth: float = 1.25) -> tuple[int, int | None]:
+        """(largest length that trained, smallest that failed or None): tries start, start·growth, … (multiples
+        of 1024) until one fails, ``limit`` is passed or ``budget_s`` is spent. Steps at 100k+ tokens take
+        tens of seconds (attention is quadratic), hence a geometric walk instead of a bisection."""
+        t0 = time.perf_counter()
+        good, length = 0, start
         while length <= limit and time.perf_counter() - t0 < budget_s:
-            if self.trains(method, length, offload):
-                good, length = length, length * 2
-            else:
-                bad = length
-                break
-        if bad is None:
-            return good
-        while bad - good > 1024 and time.perf_counter() - t0 < budget_s:
-            mid = (good + bad) // 2 // 1024 * 1024
-            if mid <= good:
-                break
-            if self.trains(method, mid, offload):
-                good = mid
-            else:
-                bad = mid
-        return good
+            if not self.trains(method, length, offload):
+                return good, length
+            good = length
+            length = int(length * growth) // 1024 * 1024
+        return good, None
 
 
 def enable_method(method: str, runner: Runner) -> str | None:
     """Puts the model in ``method``'s configuration; returns why it cannot run, if it cannot."""
     revert_kernels(runner.model)
+    method = method.split("-")[0]
     if method == "ours":
         apply_kernels(runner.model, rope=True, swiglu=True, rmsnorm=True, lora=True)
     elif method == "liger":
@@ -227,17 +318,17 @@ def enable_method(method: str, runner: Runner) -> str | None:
 
 def print_table(results: list[Result], baseline: str = "naive") -> None:
     by_shape: dict[str, Result] = {r.shape: r for r in results if r.method == baseline and not r.error}
-    print(f"\n{'method':8} {'shape':16} {'tok/s':>9} {'x naive':>8} {'MFU':>6} {'peak GiB':>9} {'act GiB':>8} "
-          f"{'peak/naive':>10}")
+    print(f"\n{'method':12} {'shape':10} {'tok/s':>9} {'x naive':>8} {'MFU':>6} {'peak GiB':>9} {'act GiB':>8} "
+          f"{'peak/naive':>10}  note")
     for r in results:
         base = by_shape.get(r.shape)
         if r.error:
-            print(f"{r.method:8} {r.shape:16} {r.error}")
+            print(f"{r.method:12} {r.shape:10} {r.error}")
             continue
         speed = r.tokens_per_s / base.tokens_per_s if base else float("nan")
         mem = r.peak_gib / base.peak_gib if base and not math.isnan(base.peak_gib) else float("nan")
-        print(f"{r.method:8} {r.shape:16} {r.tokens_per_s:9.0f} {speed:8.2f} {r.mfu:6.1%} {r.peak_gib:9.2f} "
-              f"{r.act_gib:8.2f} {mem:10.2f}")
+        print(f"{r.method:12} {r.shape:10} {r.tokens_per_s:9.0f} {speed:8.2f} {r.mfu:6.1%} {r.peak_gib:9.2f} "
+              f"{r.act_gib:8.2f} {mem:10.2f}  {r.note}")
 
 
 def bench_logprobs(device: torch.device, n: int, hidden: int, vocab: int, dtype: torch.dtype, steps: int) -> None:
@@ -283,10 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the 8B config (32 = full)")
     parser.add_argument("--quick", action="store_true", help="8x640 and 16x640 only, fewer steps")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU (or wherever), checks the script")
-    parser.add_argument("--methods", default="naive,ours,liger", help="comma list; liger always runs last")
+    parser.add_argument("--methods", default="naive,ours,liger",
+                        help="comma list of naive, naive-nockpt, ours, ours-keep, ours-offload, liger (liger runs last)")
     parser.add_argument("--shapes", default=None, help="comma list of BxL, default 8x640,16x640,1x8192")
     parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--longest", action="store_true", help="search the longest single completion that trains")
+    parser.add_argument("--keep-gib", type=float, default=40.0,
+                        help="ours-keep: GiB the saved activations of layers left out of checkpointing may take")
+    parser.add_argument("--profile", default="", help="comma list of methods to profile at the first shape")
+    parser.add_argument("--longest", default="", help="comma list of ours, ours-offload, naive: search the "
+                        "longest single completion that trains")
+    parser.add_argument("--longest-start", type=int, default=8192)
     parser.add_argument("--longest-budget", type=float, default=150.0, help="seconds per search")
     args = parser.parse_args(argv)
 
@@ -305,7 +402,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     steps = args.steps or steps
-    methods = [m for m in ("naive", "ours", "liger") if m in args.methods.split(",")]
+    known = ("naive", "naive-nockpt", "ours", "ours-keep", "ours-offload", "liger")
+    asked = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in asked + [m for m in args.longest.split(",") if m] if m not in known]
+    if unknown:
+        print(f"unknown method(s) {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+        return 2
+    # liger patches irreversibly: last; naive-nockpt (the most memory) just before it
+    methods = sorted(asked, key=lambda m: (m == "liger", m == "naive-nockpt"))
+    searches = [m for m in args.longest.split(",") if m]
 
     model = build_model(config, device, dtype)
     runner = Runner(model, config, device)
@@ -314,22 +419,30 @@ def main(argv: list[str] | None = None) -> int:
           f"setup={time.perf_counter() - t_start:.0f}s", flush=True)
 
     results: list[Result] = []
-    longest: list[tuple[str, bool, int]] = []
-    for method in methods:
-        why = enable_method(method, runner)
-        if why:
-            results.extend(Result(method, f"{b}x{l}", error=f"skipped: {why}") for b, l in shapes)
-            continue
-        for bsz, length in shapes:
-            r = runner.measure(method, bsz, length, steps, warmup)
-            results.append(r)
-            print(f"  {r.method:6} {r.shape:10} {r.tokens_per_s:8.0f} tok/s peak {r.peak_gib:6.2f} GiB {r.error}",
-                  flush=True)
-        if args.longest and method in ("naive", "ours") and not args.smoke:
-            for offload in ((False, True) if method == "ours" else (False,)):
-                n = runner.longest(method, offload, start=8192, limit=262144, budget_s=args.longest_budget)
-                longest.append((method, offload, n))
-                print(f"  longest {method} offload={offload}: {n}", flush=True)
+    longest: list[tuple[str, int, int | None]] = []
+    enabled = None
+    for method in methods + [m for m in searches if m not in methods]:
+        base = method.split("-")[0]
+        if base != enabled:
+            why = enable_method(method, runner)
+            enabled = base
+            if why:
+                results.extend(Result(method, f"{b}x{l}", error=f"skipped: {why}") for b, l in shapes)
+                continue
+        if method in methods:
+            if method in args.profile.split(",") and device.type == "cuda":
+                runner.profile(method, *shapes[0])
+            for bsz, length in shapes:
+                r = runner.measure(method, bsz, length, steps, warmup, keep_gib=args.keep_gib)
+                results.append(r)
+                held = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                print(f"  {r.method:12} {r.shape:10} {r.tokens_per_s:8.0f} tok/s peak {r.peak_gib:6.2f} GiB "
+                      f"{r.note} {r.error} (held after: {held:.2f} GiB)", flush=True)
+        if method in searches and not args.smoke:
+            good, bad = runner.longest(base, method.endswith("offload"), start=args.longest_start, limit=1 << 20,
+                                       budget_s=args.longest_budget)
+            longest.append((method, good, bad))
+            print(f"  longest {method}: {good} (first failure: {bad})", flush=True)
     print_table(results)
     del model, runner
     gc.collect()
@@ -340,8 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_logprobs(device, 64, config.hidden_size, config.vocab_size, dtype, steps=1)
     if longest:
         print("\nlongest single completion that trains (multiple of 1024; 0 = not even the start length):")
-        for method, offload, n in longest:
-            print(f"  {method:6} offload={str(offload):5} {n}")
+        for method, good, bad in longest:
+            print(f"  {method:12} trained {good}, " + (f"failed at {bad}" if bad else "no failure before the budget"))
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
     return 0
 

@@ -7,7 +7,8 @@ package does not need a GPU or Triton.
 
 from .apply import apply_kernels, revert_kernels
 from .lora_linear import lora_linear, lora_linear_reference
-from .offload import offload_activations
+from .offload import offload_activations, release_host_cache
+from .recompute import plan_checkpointing, saved_bytes_per_layer, set_checkpointed_layers
 from .packing import PackedBatch, pack_padded, pack_sequences, unpack, varlen_attention
 from .rmsnorm import rmsnorm, rmsnorm_reference
 from .rope import apply_rope_, rope_cos_sin, rope_reference
@@ -16,7 +17,8 @@ from .swiglu import swiglu, swiglu_reference
 
 __all__ = [
     "PackedBatch", "apply_kernels", "apply_rope_", "auto_chunk_size", "lora_linear", "lora_linear_reference",
-    "offload_activations", "pack_padded", "pack_sequences", "revert_kernels", "rmsnorm", "rmsnorm_reference",
+    "offload_activations", "pack_padded", "plan_checkpointing", "release_host_cache", "saved_bytes_per_layer",
+    "set_checkpointed_layers", "pack_sequences", "revert_kernels", "rmsnorm", "rmsnorm_reference",
     "rope_cos_sin", "rope_reference", "selective_log_softmax", "selective_log_softmax_naive", "swiglu",
     "swiglu_reference", "unpack", "varlen_attention",
 ]

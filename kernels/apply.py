@@ -42,7 +42,9 @@ def _rmsnorm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
 
 
 def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._rlcore_backend))
+    # gate and up are this forward's own temporaries, so backward may overwrite them with their gradients
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self._rlcore_backend,
+                                 inplace_backward=True))
 
 
 def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
@@ -57,6 +59,18 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     query_states, key_states = apply_rope_(self.q_proj(hidden_states), self.k_proj(hidden_states),
                                            *position_embeddings, head_dim=self.head_dim,
                                            backend=self._rlcore_backend)
+    if (kwargs.get("cu_seq_lens_q") is not None and hidden_states.is_cuda and past_key_values is None
+            and not (self.training and self.attention_dropout)):
+        # one packed row (rlcore.kernels.packing): attention within each sample from cu_seqlens, no [T, T] mask
+        from . import packing
+
+        cu_seqlens = kwargs["cu_seq_lens_q"]
+        max_length = kwargs.get("max_length_q") or int(cu_seqlens.diff().max())
+        q, k, v = (t.view(hidden_shape).flatten(0, 1)  # [tokens, heads, head_dim]
+                   for t in (query_states, key_states, self.v_proj(hidden_states)))
+        attn_output = packing.varlen_attention(q, k, v, cu_seqlens, max_length, scale=self.scaling,
+                                               backend=self._rlcore_backend)
+        return self.o_proj(attn_output.reshape(*input_shape, -1)), None
     query_states = query_states.view(hidden_shape).transpose(1, 2)
     key_states = key_states.view(hidden_shape).transpose(1, 2)
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)

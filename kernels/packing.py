@@ -4,16 +4,21 @@ A packed batch is ``input_ids`` [1, T] (T = sum of real lengths), ``position_ids
 for each sample, and ``cu_seqlens`` [B+1] int32 (flash-attn's varlen convention). No pad token is computed.
 
 Attention must not cross samples:
-* ``varlen_attention`` (standalone): flash-attn's ``flash_attn_varlen_func`` on CUDA when importable, else
-  SDPA with a block-diagonal causal mask (the CPU reference).
+* ``varlen_attention`` (standalone): on CUDA with 16-bit q/k/v, PyTorch's own
+  ``torch.nn.attention.varlen.varlen_attn`` (torch >= 2.10), else flash-attn's ``flash_attn_varlen_func``
+  when importable; otherwise SDPA with a block-diagonal causal mask (the CPU and fp32 reference).
 * inside HF Llama (transformers 5.x): with ``attention_mask=None`` and packed ``position_ids``,
   ``masking_utils.create_causal_mask`` detects the restarts (``find_packed_sequence_indices``) and builds
   the block-diagonal mask for sdpa/eager (only without a KV cache: pass ``use_cache=False``); ``flash_attention_2`` reads ``cu_seq_lens_q/k`` and
-  ``max_length_q/k`` kwargs (``model_kwargs`` gives them) or derives them from ``position_ids``.
+  ``max_length_q/k`` kwargs (``model_kwargs`` gives them) or derives them from ``position_ids``. With
+  ``rlcore.kernels.apply_kernels`` on CUDA, the patched attention reads the same kwargs and calls
+  ``varlen_attention`` (HF still builds its [T, T] block mask from ``position_ids``; that path leaves it unused).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,13 @@ try:  # optional, CUDA only
     from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
 except Exception:  # pragma: no cover - depends on the install
     flash_attn_varlen_func = None
+
+try:  # torch >= 2.10; its kernel runs on CUDA only
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except Exception:  # pragma: no cover - depends on the torch version
+    torch_varlen_attn = None
+
+_HALF = (torch.float16, torch.bfloat16)  # the dtypes the flash varlen kernels take
 
 
 @dataclass
@@ -95,6 +107,23 @@ def unpack(values: torch.Tensor, packed: PackedBatch, shape: tuple[int, int], fi
     return out.view(shape[0], shape[1], *values.shape[1:])
 
 
+def packed_positions(packed: PackedBatch, select: torch.Tensor) -> torch.Tensor:
+    """Where in the packed row the tokens that ``select`` marks sit, in row-major order of ``select``.
+
+    ``select`` is a [B, L] boolean over the padded batch ``packed`` was made from by :func:`pack_padded`; it
+    may mark only real (packed) tokens.
+    """
+    if packed.index is None:
+        raise ValueError("packed_positions needs a PackedBatch made by pack_padded (it records where tokens came "
+                         "from)")
+    slot = torch.full((select.numel(),), -1, dtype=torch.long, device=packed.index.device)
+    slot[packed.index] = torch.arange(packed.index.numel(), device=packed.index.device)
+    where = slot[select.reshape(-1).to(slot.device)]
+    if (where < 0).any():
+        raise ValueError("select marks padding positions, which pack_padded left out")
+    return where
+
+
 def block_diagonal_causal_mask(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """Boolean [T, T] mask, True where query i may attend key j (same sample, j <= i)."""
     lengths = cu_seqlens.diff().long()
@@ -116,10 +145,49 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out[0].transpose(0, 1)
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(torch_varlen_attn).parameters) if torch_varlen_attn is not None else frozenset()
+
+
+def varlen_backend(q: torch.Tensor, scale: float | None = None, backend: str | None = None) -> str:
+    """Which implementation :func:`varlen_attention` uses for these inputs: ``"torch_varlen"``,
+    ``"flash_attn"`` or ``"reference"``."""
+    if backend == "torch" or not q.is_cuda or q.dtype not in _HALF:
+        return "reference"
+    params = _torch_varlen_params()
+    # torch 2.10 spells causal ``is_causal=True``; later versions ``window_size=(-1, 0)``
+    causal = "window_size" in params or "is_causal" in params
+    default_scale = scale is None or abs(scale - q.shape[-1] ** -0.5) < 1e-12
+    if torch_varlen_attn is not None and causal and ("scale" in params or default_scale):
+        return "torch_varlen"
+    if flash_attn_varlen_func is not None:
+        return "flash_attn"
+    return "reference"
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
-    """Causal attention within each packed sample. flash-attn varlen on CUDA if installed, else SDPA+mask."""
-    if backend != "torch" and q.is_cuda and flash_attn_varlen_func is not None:
+    """Causal attention within each packed sample; q [T, Hq, D], k/v [T, Hk, D] → [T, Hq, D].
+
+    On CUDA with 16-bit inputs: torch's ``varlen_attn`` when this torch has it, else flash-attn's varlen
+    kernel if installed; otherwise (CPU, fp32, ``backend="torch"``) SDPA under a block-diagonal causal mask.
+    """
+    choice = varlen_backend(q, scale, backend)
+    if choice == "torch_varlen":
+        params = _torch_varlen_params()
+        kwargs: dict = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+        if scale is not None and "scale" in params:
+            kwargs["scale"] = scale
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in params:
+                kwargs["enable_gqa"] = True
+            else:  # GQA by hand: each kv head serves q_heads / kv_heads query heads
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+        return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    if choice == "flash_attn":
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       softmax_scale=scale, causal=True)
     return varlen_attention_reference(q, k, v, cu_seqlens, scale)

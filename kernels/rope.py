@@ -6,8 +6,8 @@ Layout is HF's: q [B, Hq, L, D], k [B, Hk, L, D] (any strides, last dim contiguo
 for every sample just pass those position ids. cos/sin are taken to repeat their first half in the second
 (``cat(freqs, freqs)``), which holds for Llama's default and llama3-scaled RoPE.
 
-``x' = x·cos + rotate_half(x)·sin``; the backward is the inverse rotation (sin negated), done in place on a
-copy of the incoming gradient, so nothing but cos/sin (and position ids) is saved.
+``x' = x·cos + rotate_half(x)·sin``; the backward is the inverse rotation (sin negated), read from the incoming
+gradient and written to a new buffer in one pass, so nothing but cos/sin (and position ids) is saved.
 """
 
 import torch
@@ -105,10 +105,19 @@ class _RopeTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq: torch.Tensor, dk: torch.Tensor):
         cos, sin, position_ids = ctx.saved_tensors
-        dq = dq.contiguous().clone()
-        dk = dk.contiguous().clone()
-        _launch(dq, dk, dq, dk, cos, sin, position_ids, ctx.head_dim, -1.0)
-        return dq, dk, None, None, None, None, None
+        (dq, dq_out), (dk, dk_out) = _source_and_target(dq), _source_and_target(dk)
+        _launch(dq, dk, dq_out, dk_out, cos, sin, position_ids, ctx.head_dim, -1.0)
+        return dq_out, dk_out, None, None, None, None, None
+
+
+def _source_and_target(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the backward rotation reads and writes: a fresh buffer, never the incoming gradient (autograd
+    may hand the same buffer elsewhere), but one pass only: read ``grad``, write the target. If making it
+    contiguous already copied, that copy is ours and is rotated in place."""
+    dense = grad.contiguous()
+    if dense.data_ptr() != grad.data_ptr():
+        return dense, dense
+    return dense, torch.empty_like(dense)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

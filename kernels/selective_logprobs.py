@@ -26,6 +26,7 @@ from ._utils import lazy_jit, needs_int64, next_power_of_2, resolve_backend, tl
 
 CPU_DEFAULT_CHUNK = 1024
 _MIN_CHUNK, _MAX_CHUNK = 128, 16384
+MAX_CHUNK_BYTES = 512 * 2**20
 
 
 # --------------------------------------------------------------------------------------------- Triton
@@ -152,7 +153,9 @@ _ROW_OPS = {"torch": (_row_stats_torch, _row_grad_torch), "triton": (_row_stats_
 
 # -------------------------------------------------------------------------------------------- chunking
 def auto_chunk_size(num_tokens: int, vocab: int, device: torch.device, dtype: torch.dtype, backend: str) -> int:
-    """Rows per chunk: a quarter of the memory free right now, divided by what one row of logits costs.
+    """Rows per chunk: the smaller of a quarter of the memory free right now and ``MAX_CHUNK_BYTES``,
+    divided by what one row of logits costs. The cap keeps the head's working memory flat in N and V: at
+    V = 128,256 it is ~2,000 rows, whose [rows × H] @ [H × V] matmul already runs at full speed.
 
     ``RLCORE_LOGPROB_CHUNK`` overrides. On CPU a fixed default (memory is rarely the limit there).
     """
@@ -167,7 +170,7 @@ def auto_chunk_size(num_tokens: int, vocab: int, device: torch.device, dtype: to
     item = torch.empty((), dtype=dtype).element_size()
     # triton: the logits buffer, rewritten in place; torch: logits + fp32 z, p and the gradient
     per_row = vocab * (item if backend == "triton" else item + 4 * 4)
-    chunk = int(free * 0.25) // max(per_row, 1)
+    chunk = int(min(free * 0.25, MAX_CHUNK_BYTES)) // max(per_row, 1)
     chunk = max(_MIN_CHUNK, min(_MAX_CHUNK, chunk))
     return min(chunk, max(num_tokens, 1))
 

@@ -3,6 +3,11 @@
 The Triton forward computes in fp32 and rounds once (HF rounds silu(gate) to 16 bits, then the product),
 and saves only gate and up; HF's graph also keeps silu(gate). Backward:
 ``d_gate = dh · up · σ(g) · (1 + g · (1 − σ(g)))``, ``d_up = dh · silu(g)``.
+
+``inplace_backward=True`` writes d_gate and d_up over the saved gate and up (each element is read before it
+is written, by the same program), so backward allocates nothing of size [tokens × intermediate]: at 8B shapes
+that is 2 × 14,336 × 2 bytes per token less at the MLP's backward peak. Only for callers whose gate and up are
+private temporaries (the Llama MLP's projection outputs) and whose graph is not backpropagated twice.
 """
 
 import torch
@@ -48,8 +53,9 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _SwiGLUTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool):
         g, u = gate.contiguous(), up.contiguous()
+        ctx.inplace_backward = inplace_backward
         h = torch.empty_like(g)
         n = g.numel()
         if n:
@@ -61,21 +67,25 @@ class _SwiGLUTriton(torch.autograd.Function):
     def backward(ctx, dh: torch.Tensor):
         g, u = ctx.saved_tensors
         dh = dh.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
+        dg, du = (g, u) if ctx.inplace_backward else (torch.empty_like(g), torch.empty_like(u))
         n = g.numel()
         if n:
             _swiglu_bwd_kernel[(triton_cdiv(n, _BLOCK),)](dh, g, u, dg, du, n, BLOCK=_BLOCK, I64=needs_int64(g))
-        return dg, du
+        return dg, du, None
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """``silu(gate) * up``; Triton on CUDA, :func:`swiglu_reference` elsewhere."""
+def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str | None = None,
+           inplace_backward: bool = False) -> torch.Tensor:
+    """``silu(gate) * up``; Triton on CUDA, :func:`swiglu_reference` elsewhere.
+
+    ``inplace_backward``: the Triton backward overwrites gate and up with their gradients (see module doc).
+    """
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if resolve_backend(gate, backend) == "triton":
-        return _SwiGLUTriton.apply(gate, up)
+        return _SwiGLUTriton.apply(gate, up, bool(inplace_backward))
     return swiglu_reference(gate, up)

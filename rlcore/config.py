@@ -149,6 +149,11 @@ class GRPOConfig(_Serializable):
     # memory
     logprob_chunk_size: int | None = None  # tokens per lm_head chunk; None: from free GPU memory (1024 on CPU)
     gradient_checkpointing: bool = True
+    # GiB that the saved activations of layers left out of gradient checkpointing may take at the largest
+    # micro-batch; those layers are not recomputed in backward (faster). None: every layer is recomputed.
+    activation_memory_gib: float | None = None
+    activation_offloading: bool = False  # checkpointed activations go to pinned CPU memory (long completions)
+    padding_free: bool = False  # micro-batches packed into one row without pad tokens
     # evaluation
     eval_steps: int | None = None
     per_device_eval_batch_size: int = 8
@@ -262,6 +267,14 @@ class GRPOConfig(_Serializable):
         _positive_int("max_consecutive_nonfinite", self.max_consecutive_nonfinite)
         if self.logprob_chunk_size is not None:
             _positive_int("logprob_chunk_size", self.logprob_chunk_size)
+        if self.activation_memory_gib is not None:
+            _number("activation_memory_gib", self.activation_memory_gib, 0.0)
+            if not self.gradient_checkpointing:
+                _fail("activation_memory_gib", self.activation_memory_gib,
+                      "it chooses which layers skip gradient checkpointing, so it needs gradient_checkpointing=True")
+        for name in ("activation_offloading", "padding_free"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "expected True or False")
         if self.eval_steps is not None:
             _positive_int("eval_steps", self.eval_steps)
         _positive_int("per_device_eval_batch_size", self.per_device_eval_batch_size)

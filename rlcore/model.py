@@ -99,6 +99,8 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
         from rlcore.kernels import apply_kernels
 
         logger.info("kernels applied to the training model: %s", apply_kernels(model, lora=True))
+    if grpo_config is not None and grpo_config.activation_memory_gib is not None:
+        plan_recompute(model, grpo_config)
     logger.info("policy: %s, engine %s, %s trainable parameters", path, engine_name,
                 f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
     return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=path)
@@ -146,7 +148,12 @@ def add_lora(base, model_config: ModelConfig):
     lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
                       lora_dropout=model_config.lora_dropout, target_modules=list(model_config.target_modules),
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    import warnings
+
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' is_gradient_checkpointing, which transformers 5.2x flags as renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, lora)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -158,6 +165,31 @@ def enable_gradient_checkpointing(model) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.get_base_model().config.use_cache = False
+
+
+def plan_recompute(model, grpo_config: GRPOConfig, probe_tokens: int = 256) -> list[int]:
+    """Leaves as many decoder layers out of gradient checkpointing as ``activation_memory_gib`` allows at the
+    largest micro-batch (per_device_train_batch_size × (max_prompt_length + max_completion_length) tokens).
+
+    What one layer saves is measured on a probe of ``probe_tokens`` tokens and scaled linearly (attention
+    through SDPA / flash keeps no [L × L] tensor); returns the indices of the layers left out.
+    """
+    from rlcore.kernels.recompute import (decoder_layers, plan_checkpointing, saved_bytes_per_layer,
+                                          set_checkpointed_layers)
+
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, probe_tokens, dtype=torch.long, device=device)
+    memory = saved_bytes_per_layer(model, probe)
+    length = (grpo_config.max_prompt_length or grpo_config.max_completion_length) + grpo_config.max_completion_length
+    tokens = grpo_config.per_device_train_batch_size * length
+    scale = tokens / probe_tokens
+    per_layer = (memory.full - memory.checkpointed) * scale
+    num_layers = len(decoder_layers(model))
+    left_out = plan_checkpointing(num_layers, memory, grpo_config.activation_memory_gib * 2**30 / scale)
+    chosen = set_checkpointed_layers(model, left_out)
+    logger.info("activation_memory_gib=%s: %d of %d layers not recomputed (%.2f GiB each at %d tokens)",
+                grpo_config.activation_memory_gib, left_out, num_layers, per_layer / 2**30, tokens)
+    return chosen
 
 
 def _not_found_message(path: str, error: Exception) -> str:

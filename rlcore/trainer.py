@@ -7,6 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from rlcore.advantages import group_advantages
 from rlcore.batching import BatchSchedule, MicroStep, PromptSampler
 from rlcore.config import GRPOConfig, ModelConfig
 from rlcore.data import is_conversational, load_rows, prompt_token_ids, validate_rows
+from rlcore.kernels import offload_activations
 from rlcore.logprobs import completion_logprobs
 from rlcore.loss import LossSettings, grpo_loss, importance_sampling_correction, sampler_mismatch
 from rlcore.model import Policy, add_lora, load_policy
@@ -246,7 +248,7 @@ class GRPOTrainer:
             rows = list(range(start, min(start + size, batch.completion_ids.shape[0])))
             input_ids, attention_mask, width = trimmed_inputs(batch, rows)
             logps = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
-                                        self.args.logprob_chunk_size)
+                                        self.args.logprob_chunk_size, packed=self.args.padding_free)
             out[rows, :width] = logps.float()
         return out
 
@@ -256,9 +258,13 @@ class GRPOTrainer:
         batch, rows = self.buffers[micro.generation], list(micro.sample_indices)
         input_ids, attention_mask, width = trimmed_inputs(batch, rows)
         want_entropy = self.args.top_entropy_quantile < 1.0
-        out = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
-                                  self.args.logprob_chunk_size, return_entropy=want_entropy)
-        logps, entropies = out if want_entropy else (out, None)
+        # tensors saved for backward go to host memory as the forward makes them; backward brings them back
+        offload = offload_activations() if self.args.activation_offloading else nullcontext()
+        with offload:
+            out = completion_logprobs(self.model, input_ids, attention_mask, width, self.args.temperature,
+                                      self.args.logprob_chunk_size, return_entropy=want_entropy,
+                                      packed=self.args.padding_free)
+            logps, entropies = out if want_entropy else (out, None)
 
         def take(tensor):
             return None if tensor is None else tensor[rows][:, :width]
@@ -280,6 +286,8 @@ class GRPOTrainer:
             self._nonfinite_in_step = True
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics["loss"] = float(loss.detach())
+        if self.args.activation_offloading:
+            metrics["activation_offload_gib"] = offload.offloaded_bytes / 2**30
         return metrics, int(attention_mask.sum())
 
     def _loss_mask(self, micro: MicroStep) -> torch.Tensor:

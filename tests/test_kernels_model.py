@@ -224,3 +224,42 @@ def test_lora_linear_fp32_adapters_on_bf16_activations():
     for got, want in ((x.grad, x64.grad), (a.grad, a64.grad), (b.grad, b64.grad)):
         # sums over 35 bf16 products: bound the error by the gradient's scale, not element-wise
         torch.testing.assert_close(got.double(), want, atol=2e-2 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.gpu
+def test_offload_on_gpu_gives_identical_grads_and_less_memory():
+    from rlcore.kernels.offload import release_host_cache
+
+    torch.manual_seed(11)
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
+                                      rope_theta=500000, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_kernels(model, lora=True)
+    model.train()
+    ids = torch.randint(0, 512, (4, 1024), device="cuda")
+
+    def run(offload: bool):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        hooks = offload_activations(enabled=offload)
+        with hooks:
+            hidden = model.get_base_model().model(input_ids=ids, use_cache=False).last_hidden_state
+        hidden.float().pow(2).mean().backward()
+        torch.cuda.synchronize()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return grads, torch.cuda.max_memory_allocated() - before, hooks
+
+    ref, ref_peak, _ = run(False)
+    got, peak, hooks = run(True)
+    checkpoints = 8 * 4 * 1024 * 1024 * 2  # each layer's bf16 input
+    assert hooks.offloaded_bytes >= checkpoints
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)  # the same bytes come back: bit-identical
+    assert peak < ref_peak - checkpoints // 2, (peak, ref_peak)
+    release_host_cache()

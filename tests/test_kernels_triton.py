@@ -6,12 +6,11 @@ GPU tests at the end check real sizes. ``TRITON_INTERPRET=1`` must be set before
 (triton.language's own @jit helpers such as tl.sum are decorated at import; imported in compile mode they
 fail inside an interpreted kernel with "Cannot call @triton.jit'd outside of the scope of a kernel"), and
 other test modules import triton through transformers/peft first. So on CPU the whole module re-runs
-itself in a fresh interpreter with the variable set (``test_triton_kernels_in_interpreter``).
+itself in a fresh interpreter with the variable set (``tests/test_kernels_triton_interpreter.py``; a
+module-level skip here would also skip a runner test placed in this module).
 """
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,17 +21,8 @@ if ON_CPU and IN_CHILD:
     os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
-pytestmark = pytest.mark.skipif(ON_CPU and not IN_CHILD, reason="run by test_triton_kernels_in_interpreter")
+pytestmark = pytest.mark.skipif(ON_CPU and not IN_CHILD, reason="run by tests/test_kernels_triton_interpreter.py")
 
-
-@pytest.mark.skipif(not ON_CPU or IN_CHILD, reason="the child process runs the tests themselves")
-def test_triton_kernels_in_interpreter():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, RLCORE_TRITON_CHILD="1", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 from rlcore.kernels.rmsnorm import rmsnorm  # noqa: E402
 from rlcore.kernels.rope import apply_rope_, rope_cos_sin, rope_reference  # noqa: E402
@@ -119,14 +109,20 @@ def test_rmsnorm_triton(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_triton(dtype):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_swiglu_triton(dtype, inplace):
     g = torch.Generator().manual_seed(2)
     gate = (torch.randn(37, 48, generator=g) * 3).to(DEVICE, dtype)  # odd numel, not a block multiple
     up = torch.randn(37, 48, generator=g).to(DEVICE, dtype)
     dh = torch.randn(37, 48, generator=g).to(DEVICE, dtype)
     gt, ut = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    h = swiglu(gt, ut, backend="triton")
+    # as in the Llama MLP: gate/up are outputs of an op (here a multiply by one), private to the graph
+    gate_out, up_out = gt * 1, ut * 1
+    h = swiglu(gate_out, up_out, backend="triton", inplace_backward=inplace)
     h.backward(dh)
+    if inplace:  # the gradients were written over the saved activations
+        torch.testing.assert_close(gate_out.detach(), gt.grad)
+        torch.testing.assert_close(up_out.detach(), ut.grad)
     g64, u64 = gate.double().requires_grad_(), up.double().requires_grad_()
     h64 = torch.nn.functional.silu(g64) * u64
     h64.backward(dh.double())
