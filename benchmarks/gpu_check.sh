@@ -47,7 +47,8 @@ fi
 if [ "$mode" = kernels ]; then
   python3 -m pytest tests/test_kernels_*.py tests/test_padding_free.py tests/test_activation_offloading.py -q \
     -p no:cacheprovider 2>&1 | tee "$OUT/kernels_pytest.log" || status=1
-  python3 benchmarks/train_step.py --methods naive,ours,ours-offload,ours-keep,naive-nockpt,liger 2>&1 \
+  python3 benchmarks/train_step.py --methods naive,ours,ours-offload,ours-keep,ours-ragged,ours-packed,naive-nockpt,liger \
+    2>&1 \
     | tee "$OUT/train_step.log" || status=1
   python3 benchmarks/kernel_ops.py --json "$OUT/kernel_ops.json" 2>&1 | tee "$OUT/kernel_ops.log" || status=1
 fi

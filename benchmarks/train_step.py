@@ -25,6 +25,8 @@ Variants (rows named method+variant):
   ours-keep      ours with the last layers left out of checkpointing while their saved activations fit
                  --keep-gib (rlcore.kernels.recompute; the trainer's ``activation_memory_gib``)
   ours-offload   ours with activation offload (checkpoints in pinned host memory)
+  ours-ragged    rows of real lengths uniform in [L/4, L] (seeded), right-padded, through rlcore.logprobs;
+  ours-packed    the same rows packed into one (padding_free); tok/s counts real tokens for both
   --profile M,…  torch.profiler tables of those methods at the first shape: GPU time by kernel family,
                  host time by operation
 """
@@ -44,6 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from rlcore.logprobs import completion_logprobs  # noqa: E402
 from rlcore.kernels import (apply_kernels, offload_activations, plan_checkpointing, release_host_cache,  # noqa: E402
                             revert_kernels, saved_bytes_per_layer, selective_log_softmax, set_checkpointed_layers)
 
@@ -135,6 +138,17 @@ class Runner:
     def step(self, method: str, ids: torch.Tensor, advantages: torch.Tensor) -> float:
         bsz, length = ids.shape
         targets = ids[:, 1:]
+        if method in ("ours-ragged", "ours-packed"):
+            # rows of different real lengths (right padding), as GRPO completions are; the trainer's log-prob
+            # function, padded or packed into one row (padding_free)
+            mask = self.ragged_mask
+            logp = completion_logprobs(self.model, ids, mask, length - 1, self.temperature,
+                                       packed=method == "ours-packed")
+            real = mask[:, 1:].float()
+            ratio = torch.exp(logp - logp.detach())
+            loss = -(ratio * advantages[:, None] * real).sum() / real.sum()
+            loss.backward()
+            return float(loss.detach())
         method = method.split("-")[0]
         if method == "naive":
             logits = self.model(input_ids=ids, use_cache=False).logits[:, :-1]
@@ -152,6 +166,18 @@ class Runner:
                 loss = grpo_like_loss(logp, advantages)
         loss.backward()
         return float(loss.detach())
+
+    def inputs(self, method: str, bsz: int, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Seeded token ids, advantages and the number of real tokens (ragged rows for ours-ragged/-packed)."""
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
+        adv = torch.randn(bsz, generator=gen).to(self.device)
+        if method not in ("ours-ragged", "ours-packed"):
+            return ids, adv, bsz * length
+        # real lengths uniform in [L/4, L], the same draw for both methods
+        lengths = torch.randint(length // 4, length + 1, (bsz,), generator=gen)
+        self.ragged_mask = (torch.arange(length)[None, :] < lengths[:, None]).long().to(self.device)
+        return ids, adv, int(lengths.sum())
 
     def configure(self, method: str, bsz: int, length: int, keep_gib: float) -> str:
         """Sets which layers are checkpointed for ``method``'s variant; returns a note for the table."""
@@ -178,12 +204,12 @@ class Runner:
         shape = f"{bsz}x{length}"
         res = Result(method, shape)
         cuda = self.device.type == "cuda"
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
-        adv = torch.randn(bsz, generator=gen).to(self.device)
+        ids, adv, tokens = self.inputs(method, bsz, length)
         offload = method.endswith("-offload")
+        if tokens != bsz * length:
+            res.note = f"{tokens} real of {bsz * length} tokens"
         try:
-            res.note = self.configure(method, bsz, length, keep_gib)
+            res.note = (res.note + " " + self.configure(method, bsz, length, keep_gib)).strip()
             for _ in range(warmup):
                 with offload_activations(enabled=offload):
                     self.step(method, ids, adv)
@@ -202,7 +228,7 @@ class Runner:
             if cuda:
                 torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) / steps
-            res.tokens_per_s = bsz * length / elapsed
+            res.tokens_per_s = tokens / elapsed
             res.mfu = res.tokens_per_s * flops_per_token(self.config, self.trainable, length) / H100_BF16_DENSE_FLOPS
             if cuda:
                 res.peak_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -227,9 +253,7 @@ class Runner:
         host-side operations that take the most CPU time (launch overhead, pinned allocations)."""
         from torch.profiler import ProfilerActivity, profile
 
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, self.config.vocab_size, (bsz, length), generator=gen).to(self.device)
-        adv = torch.randn(bsz, generator=gen).to(self.device)
+        ids, adv, _ = self.inputs(method, bsz, length)
         offload = method.endswith("-offload")
         self.configure(method, bsz, length, 0.0)
         for profiled in (False, True):
@@ -402,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     steps = args.steps or steps
-    known = ("naive", "naive-nockpt", "ours", "ours-keep", "ours-offload", "liger")
+    known = ("naive", "naive-nockpt", "ours", "ours-keep", "ours-offload", "ours-ragged", "ours-packed", "liger")
     asked = [m for m in args.methods.split(",") if m]
     unknown = [m for m in asked + [m for m in args.longest.split(",") if m] if m not in known]
     if unknown:

@@ -17,7 +17,9 @@ adapters then compute in that dtype with fp32 accumulation instead of PEFT's fp3
 
 from __future__ import annotations
 
+import contextlib
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,10 +61,13 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     query_states, key_states = apply_rope_(self.q_proj(hidden_states), self.k_proj(hidden_states),
                                            *position_embeddings, head_dim=self.head_dim,
                                            backend=self._rlcore_backend)
-    if (kwargs.get("cu_seq_lens_q") is not None and hidden_states.is_cuda and past_key_values is None
-            and not (self.training and self.attention_dropout)):
+    if kwargs.get("cu_seq_lens_q") is not None and past_key_values is None:
         # one packed row (rlcore.kernels.packing): attention within each sample from cu_seqlens, no [T, T] mask
+        # (flash varlen on CUDA; the reference, SDPA under a block mask, elsewhere)
         from . import packing
+
+        if self.training and self.attention_dropout:
+            raise ValueError("packed (padding_free) batches do not support attention dropout")
 
         cu_seqlens = kwargs["cu_seq_lens_q"]
         max_length = kwargs.get("max_length_q") or int(cu_seqlens.diff().max())
@@ -83,6 +88,41 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
         dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
     attn_output = attn_output.reshape(*input_shape, -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+_MASK_FREE = "rlcore_packed"  # an attention implementation transformers has no mask function for
+
+
+def _patched_attention_modules(model: nn.Module) -> tuple[int, int]:
+    _, _, attn_cls = _llama_classes()
+    attention = [m for m in model.modules() if isinstance(m, attn_cls)]
+    return sum(hasattr(m, _ORIG) for m in attention), len(attention)
+
+
+@contextlib.contextmanager
+def mask_free_packed_forward(model: nn.Module) -> Iterator[bool]:
+    """Around a packed forward (``cu_seq_lens_q`` in the kwargs): transformers builds no attention mask.
+
+    Without it, ``create_causal_mask`` materialises a [T, T] block-diagonal mask from the restarting position
+    ids (4 GiB at 64k tokens, 64 GiB at 256k) that rlcore's attention never reads: it takes ``cu_seqlens``
+    from the kwargs. ``create_causal_mask`` returns None for an ``_attn_implementation`` it has no mask
+    function for (how transformers lets custom kernels opt out), so the name is switched for this forward
+    only. Gradient-checkpointing recomputation reuses the layers' original arguments (mask None, cu_seqlens)
+    and the patched attention does not look at the name on that path. Yields whether it switched: only when
+    every Llama attention module in ``model`` is rlcore's.
+    """
+    patched, total = _patched_attention_modules(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or total == 0 or patched != total:
+        yield False
+        return
+    previous = config._attn_implementation
+    config._attn_implementation = _MASK_FREE
+    try:
+        yield True
+    finally:
+        config._attn_implementation = previous
 
 
 def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

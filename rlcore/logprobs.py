@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlcore.kernels.apply import mask_free_packed_forward
 from rlcore.kernels.packing import pack_padded, packed_positions
 from rlcore.kernels.selective_logprobs import selective_log_softmax
 
@@ -68,7 +69,8 @@ def packed_completion_logprobs(
     decoder, head = _decoder_and_head(model)
     packed = pack_padded(input_ids, attention_mask)
     # flash=True: the varlen kwargs reach every attention module; SDPA/eager ignore them
-    hidden = decoder(**packed.model_kwargs(flash=True)).last_hidden_state[0]  # [T, H]
+    with mask_free_packed_forward(model):  # rlcore's attention reads cu_seqlens: no [T, T] mask needed
+        hidden = decoder(**packed.model_kwargs(flash=True)).last_hidden_state[0]  # [T, H]
     batch = input_ids.shape[0]
     scored = attention_mask[:, -completion_length:].bool()  # the real completion tokens, [B, C]
     select = torch.zeros_like(attention_mask, dtype=torch.bool)

@@ -94,7 +94,7 @@ def test_packed_row_has_only_real_tokens():
 @pytest.mark.parametrize("kernels,checkpointing", [(False, False), (True, True)])
 def test_packed_logprobs_entropy_and_lora_grads_equal_padded(kernels, checkpointing):
     model = lora_policy(checkpointing=checkpointing)
-    if kernels:  # the patched attention sees cu_seq_lens_q on CPU too, and keeps HF's block mask there
+    if kernels:  # the patched attention takes cu_seq_lens_q (its reference varlen path on CPU), no HF mask
         apply_kernels(model, lora=True, backend="torch")
     ids, mask, width = ragged_batch(model.config.vocab_size)
     padded = logprobs_entropy_grads(model, ids, mask, width, packed=False)
@@ -105,6 +105,38 @@ def test_packed_logprobs_entropy_and_lora_grads_equal_padded(kernels, checkpoint
     torch.testing.assert_close(packed[1][real], padded[1][real], atol=1e-5, rtol=0)
     assert packed[0][~real].eq(0).all() and packed[1][~real].eq(0).all()
     assert_grads_close(packed[2], padded[2], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_no_dense_mask_when_rlcore_attention_reads_cu_seqlens(monkeypatch, kernels):
+    """With rlcore's attention everywhere, transformers builds no [T, T] mask for the packed row (it would be
+    4 GiB at 64k tokens); without it, HF's block-diagonal mask is what keeps samples apart."""
+    from transformers.models.llama import modeling_llama
+
+    model = lora_policy(checkpointing=True)
+    if kernels:
+        apply_kernels(model, lora=True, backend="torch")
+    masks, varlen_calls = [], []
+    create = modeling_llama.create_causal_mask
+    monkeypatch.setattr(modeling_llama, "create_causal_mask", lambda **kw: masks.append(create(**kw)) or masks[-1])
+    varlen = packing.varlen_attention
+    monkeypatch.setattr(packing, "varlen_attention", lambda *a, **kw: varlen_calls.append(1) or varlen(*a, **kw))
+    ids, mask, width = ragged_batch(model.config.vocab_size)
+    padded = logprobs_entropy_grads(model, ids, mask, width, packed=False)
+    masks.clear()
+    packed = logprobs_entropy_grads(model, ids, mask, width, packed=True)
+    real = mask[:, -width:].bool()
+    torch.testing.assert_close(packed[0][real], padded[0][real], atol=1e-5, rtol=0)
+    assert_grads_close(packed[2], padded[2], rtol=1e-5)
+    total = int(mask.sum())
+    if kernels:
+        assert masks == [None]
+        # every layer in the forward and again in the checkpointed recomputation
+        assert len(varlen_calls) == 2 * model.config.num_hidden_layers
+        assert model.config._attn_implementation == "sdpa"  # switched for the forward only
+    else:
+        assert len(masks) == 1 and masks[0] is not None and masks[0].shape[-2:] == (total, total)
+        assert not varlen_calls
 
 
 @pytest.mark.parametrize("broken", ["positions_do_not_restart", "attention_crosses_samples"])
