@@ -210,10 +210,14 @@ class Runner:
             res.note = f"{tokens} real of {bsz * length} tokens"
         try:
             res.note = (res.note + " " + self.configure(method, bsz, length, keep_gib)).strip()
-            for _ in range(warmup):
-                with offload_activations(enabled=offload):
-                    self.step(method, ids, adv)
-                self.model.zero_grad(set_to_none=True)
+
+            def run(count: int) -> None:
+                for _ in range(count):
+                    with offload_activations(enabled=offload):
+                        self.step(method, ids, adv)
+                    self.model.zero_grad(set_to_none=True)
+
+            run(warmup)
             if cuda:
                 torch.cuda.synchronize()
                 gc.collect()
@@ -221,10 +225,7 @@ class Runner:
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            for _ in range(steps):
-                with offload_activations(enabled=offload):
-                    self.step(method, ids, adv)
-                self.model.zero_grad(set_to_none=True)
+            run(steps)
             if cuda:
                 torch.cuda.synchronize()
             elapsed = (time.perf_counter() - start) / steps

@@ -11,8 +11,8 @@ Attention must not cross samples:
   ``masking_utils.create_causal_mask`` detects the restarts (``find_packed_sequence_indices``) and builds
   the block-diagonal mask for sdpa/eager (only without a KV cache: pass ``use_cache=False``); ``flash_attention_2`` reads ``cu_seq_lens_q/k`` and
   ``max_length_q/k`` kwargs (``model_kwargs`` gives them) or derives them from ``position_ids``. With
-  ``rlcore.kernels.apply_kernels`` on CUDA, the patched attention reads the same kwargs and calls
-  ``varlen_attention`` (HF still builds its [T, T] block mask from ``position_ids``; that path leaves it unused).
+  ``rlcore.kernels.apply_kernels``, the patched attention reads the same kwargs and calls ``varlen_attention``;
+  ``apply.mask_free_packed_forward`` then keeps HF from building the [T, T] block mask it would not read.
 """
 
 from __future__ import annotations
