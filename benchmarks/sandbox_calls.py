@@ -54,7 +54,11 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"python {platform.python_version()}")
-    print(f"protections: {sandbox_protections()}")
+    layers = sandbox_protections()
+    active = [name for name in ("seccomp", "landlock", "user_namespace", "network_namespace", "mount_namespace",
+                                "chroot") if layers.get(name)]
+    print(f"sandbox layers: {', '.join(active)} (worker uid {layers['uid']}; "
+          f"unavailable: {layers['unavailable'] or 'none'})")
 
     starts = []
     for _ in range(5):

@@ -10,6 +10,9 @@ A move that does not change the board is a **no-op**: it is accepted and counted
 appears, and the game goes on (so a strategy stuck on such a move runs into ``max_steps`` or the time
 limit instead of being stopped early).
 
+The time limit counts the strategy's CPU time, not the wall clock: the same strategy on the same seed gets
+the same outcome whether the host is idle or loaded (a wall-clock limit made it depend on host load).
+
 The game lives in the trusted process. :func:`execute_strategy` hands the strategy a fresh copy of the
 board as plain data on every move (through the sandbox worker's pipe when the strategy is a
 :class:`~rlcore.envs.sandbox.LockedDownFunction`), so the strategy cannot reach or alter the game; it can
@@ -18,12 +21,16 @@ only choose moves.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .sandbox import LockedDownFunction
+
+logger = logging.getLogger("rlcore")
 
 MOVES = ("W", "A", "S", "D")
 
@@ -196,15 +203,17 @@ def execute_strategy(strategy: LockedDownFunction | Callable[[Board], str], game
                      max_steps: int = 10_000, time_limit: float = 5.0) -> tuple[int, str]:
     """Plays ``game`` with ``strategy`` until it ends; returns ``(steps, state)``.
 
-    ``strategy`` gets a copy of the board (a list of lists of ints) and returns a move. A
-    :class:`LockedDownFunction` runs in its sandbox worker, each call bounded by its ``limits.timeout`` and
-    by the time left (either gives "timeout"); a plain
-    callable runs in this process (trusted code only) and the time limit is checked between moves.
+    ``strategy`` gets a copy of the board (a list of lists of ints) and returns a move. ``time_limit`` is the
+    CPU time, in seconds, the strategy may use over the whole game, checked after every move: for a
+    :class:`LockedDownFunction` its worker process's CPU time (read by this process from ``/proc``), for a plain
+    callable (trusted code only: it runs in this process) this thread's CPU time. Host load therefore does
+    not change the outcome. Each sandboxed call is also bounded by the sandbox's wall-clock
+    ``limits.timeout``, which ends a strategy that blocks or spins in one call.
 
     ``state`` is "success" (a tile reached the target), "failed" (no move possible), "max_steps",
-    "timeout" (``time_limit`` seconds of wall clock used up), "invalid_move" (the strategy returned
-    something other than W/A/S/D), "error" (it raised or crashed), "memory" (it hit the memory limit) or
-    "forbidden" (its code was rejected before running). ``steps`` counts the moves played.
+    "timeout" (``time_limit`` CPU seconds used up, or one call over ``limits.timeout``), "invalid_move" (the
+    strategy returned something other than W/A/S/D), "error" (it raised or crashed), "memory" (it hit the
+    memory limit) or "forbidden" (its code was rejected before running). ``steps`` counts the moves played.
     """
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be an int >= 1, got {max_steps!r}")
@@ -213,37 +222,93 @@ def execute_strategy(strategy: LockedDownFunction | Callable[[Board], str], game
     if not callable(strategy):
         raise TypeError(f"strategy must be callable, got {type(strategy).__name__}")
     sandboxed = isinstance(strategy, LockedDownFunction)
-    deadline = time.monotonic() + time_limit
     steps = 0
     if sandboxed:
         # Starting the worker and running the code's top level is bounded by the sandbox's load_timeout.
         loaded = strategy.load()
         if not loaded.ok:
             return steps, loaded.status if loaded.status in GAME_STATES else ERROR
-        deadline = time.monotonic() + time_limit
-    while True:
-        state = game.state()
-        if state != "ongoing":
-            return steps, state
-        if steps >= max_steps:
-            return steps, MAX_STEPS
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return steps, TIMEOUT
-        if sandboxed:
-            result = strategy(game.board(), timeout=min(strategy.limits.timeout, remaining))
-            if not result.ok:
-                return steps, result.status if result.status in GAME_STATES else ERROR
-            move = result.value
-        else:
-            try:
-                move = strategy(game.board())
-            except Exception:  # noqa: BLE001 - a failing strategy ends its game, not the caller
-                return steps, ERROR
-            if time.monotonic() > deadline:
+        clock = _WorkerCpuClock(strategy.pid)
+    else:
+        clock = _ThreadCpuClock()
+    try:
+        while True:
+            state = game.state()
+            if state != "ongoing":
+                return steps, state
+            if steps >= max_steps:
+                return steps, MAX_STEPS
+            if sandboxed:
+                result = strategy(game.board())  # bounded by limits.timeout (wall clock) per call
+                if not result.ok:
+                    return steps, result.status if result.status in GAME_STATES else ERROR
+                move = result.value
+            else:
+                try:
+                    move = strategy(game.board())
+                except Exception:  # noqa: BLE001 - a failing strategy ends its game, not the caller
+                    return steps, ERROR
+            if clock.seconds() > time_limit:
                 return steps, TIMEOUT
-        key = normalize_move(move)
-        if key is None:
-            return steps, INVALID_MOVE
-        game.do_move(key)
-        steps += 1
+            key = normalize_move(move)
+            if key is None:
+                return steps, INVALID_MOVE
+            game.do_move(key)
+            steps += 1
+    finally:
+        clock.close()
+
+
+class _ThreadCpuClock:
+    """CPU seconds this thread used since the clock was made (the strategy runs in it)."""
+
+    def __init__(self) -> None:
+        self.start = time.thread_time()
+
+    def seconds(self) -> float:
+        return time.thread_time() - self.start
+
+    def close(self) -> None:
+        pass
+
+
+class _WorkerCpuClock:
+    """CPU seconds (user + system) a worker process used since the clock was made, read from
+    ``/proc/<pid>/stat`` by this process: the worker's own reports can not be trusted.
+
+    Where ``/proc`` can not be read (not Linux) it falls back to the wall clock, with a warning: outcomes near
+    the limit then depend on host load again.
+    """
+
+    _ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") and "SC_CLK_TCK" in os.sysconf_names else 100
+
+    def __init__(self, pid: int | None) -> None:
+        self._fd: int | None = None
+        try:
+            self._fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+            self.start = self._read()
+        except (OSError, ValueError, IndexError):
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd = None
+            logger.warning("can not read the sandbox worker's CPU time from /proc; the 2048 time limit counts "
+                           "wall-clock seconds instead")
+            self.start = time.monotonic()
+
+    def _read(self) -> float:
+        data = os.pread(self._fd, 1024, 0)
+        fields = data[data.rindex(b")") + 2:].split()  # after "pid (comm) ": state is field 3
+        return (int(fields[11]) + int(fields[12])) / self._ticks  # utime, stime (fields 14, 15)
+
+    def seconds(self) -> float:
+        if self._fd is None:
+            return time.monotonic() - self.start
+        try:
+            return self._read() - self.start
+        except (OSError, ValueError, IndexError):
+            return float("inf")  # the worker is gone: its next call fails anyway
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -3,16 +3,19 @@
 Started as ``python -I -S sandbox_worker.py CONFIG_JSON``: isolated mode, no site-packages, so it loads
 only the standard library (no torch) and starts in tens of milliseconds. It then
 
-1. imports the allow-listed modules (nothing can be imported once the file system is gone),
-2. keeps its request/response pipes on fds 3 and 4 and points 0-2 at /dev/null,
-3. when root: chroots into an empty directory and switches to an unprivileged uid of its own,
-4. sets resource limits: CPU, address space, no new processes or threads, no new file descriptors
-   (so no open(), socket() or pipe()), no file writes, no core dumps,
-5. answers ``load`` (exec the code once) and ``call`` (run the function) requests, one JSON message per
-   request, with restricted builtins and captured, truncated stdout.
+1. keeps its request/response pipes on fds 3 and 4, points 0-2 at /dev/null and closes everything else,
+2. imports the allow-listed modules and builds its seccomp filter (nothing can be loaded afterwards),
+3. confines itself (:mod:`rlcore.envs.confinement`): namespaces and an empty root directory (as root also
+   its own unprivileged uid), no capabilities, no_new_privs, Landlock,
+4. starts the watchdog thread (exits when the parent dies), sets resource limits (CPU, address space, no
+   new processes or threads, no new file descriptors, no file writes, no core dumps),
+5. installs the seccomp allow-list (:mod:`rlcore.envs.seccomp_filter`) on both threads, the wall,
+6. reports which layers are active ("ready", or "failed" with the reason) and only then answers ``load``
+   (exec the code once) and ``call`` (run the function) requests, with restricted builtins and captured,
+   truncated stdout.
 
 Messages are a 4-byte big-endian length followed by UTF-8 JSON; the parent never unpickles anything from
-here, so a compromised worker can at worst send wrong *data*.
+here and checks every reply, so a compromised worker can at worst send wrong *data*.
 """
 
 import json
@@ -22,46 +25,76 @@ import types
 
 REQUEST_FD = 3
 RESPONSE_FD = 4
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
     config = json.loads(sys.argv[1])
-    import resource  # noqa: I001 - extension module, must be loaded before the chroot
+    _arrange_fds()
+    try:
+        safe_builtins, capped = _start(config)
+    except BaseException as error:  # noqa: BLE001 - the parent must learn why, whatever it was
+        _send({"op": "failed", "message": f"{type(error).__name__}: {error}"[:2000]})
+        os._exit(1)
+    _serve(safe_builtins, capped, int(config["max_return_bytes"]))
+
+
+def _start(config: dict):
+    """Everything before the first request: imports, confinement, limits. Returns (builtins, stdout)."""
     import _thread
+    import resource
     import time
 
     modules = _preload(config["allowed_modules"])
-    _arrange_fds()
-    protections = {"chroot": False, "uid": os.getuid(), "privileges_dropped": False,
-                   "network_namespace": bool(config.get("network_namespace"))}
-    workdir = config["workdir"]
-    if os.getuid() == 0 and config.get("uid") is not None:
-        try:
-            os.chroot(workdir)
-            os.chdir("/")
-            protections["chroot"] = True
-        except OSError:
-            os.chdir(workdir)
-        try:
-            uid = int(config["uid"])
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            protections["uid"] = os.getuid()
-            protections["privileges_dropped"] = os.getuid() != 0
-        except OSError:
-            pass
-    else:
-        os.chdir(workdir)
-    parent = os.getppid()
-    # A watchdog, started before threads are forbidden: if the parent dies without killing us, exit.
-    _thread.start_new_thread(_watch_parent, (parent, time.sleep))
+    confinement = _load_sibling("confinement")
+    seccomp_filter = _load_sibling("seccomp_filter")
+    unavailable = {}
+    allow_list = None
+    try:  # built now, while the library can still be loaded from disk; installed last
+        allow_list = seccomp_filter.AllowListFilter(REQUEST_FD, RESPONSE_FD, tuple(config["libseccomp"]))
+    except OSError as error:
+        unavailable["seccomp"] = str(error)
+    protections = confinement.isolate(uid=config["uid"], namespaces=bool(config["namespaces"]), mountpoint=_HERE,
+                                      fallback_root=config["fallback_root"])
+    unavailable.update(protections.pop("unavailable"))
+    confinement.set_no_new_privs()
+    protections["no_new_privs"] = True
+    try:
+        protections["landlock"] = confinement.restrict_with_landlock()
+    except OSError as error:
+        protections["landlock"] = 0
+        unavailable["landlock"] = str(error)
+    # The watchdog starts before threads are forbidden and before seccomp, which then covers it too (TSYNC).
+    # Wait until it runs: the C library's thread start-up (rseq registration) must not meet the filter.
+    started = _thread.allocate_lock()
+    started.acquire()
+    _thread.start_new_thread(_watch_parent, (os.getppid(), time.sleep, started))
+    started.acquire()
     _limit(resource, config)
+    protections["open_fds"] = confinement.open_fds()
+    protections["seccomp"] = False
+    if allow_list is not None:
+        try:
+            allow_list.install()
+            protections["seccomp"] = True
+        except OSError as error:
+            unavailable["seccomp"] = str(error)
+    protections["unavailable"] = unavailable
     capped = _CappedText(int(config["max_stdout_chars"]))
     sys.stdout = sys.stderr = capped
     safe_builtins = _safe_builtins(modules)
     _send({"op": "ready", "protections": protections, "pid": os.getpid()})
-    _serve(safe_builtins, capped, int(config["max_return_bytes"]))
+    return safe_builtins, capped
+
+
+def _load_sibling(name: str):
+    """Imports a module of this directory by path (isolated mode does not put the script's directory on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_sandbox_{name}", os.path.join(_HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _preload(names: list) -> dict:
@@ -83,8 +116,8 @@ def _arrange_fds() -> None:
         os.dup2(devnull, fd)
     os.dup2(100, REQUEST_FD)
     os.dup2(101, RESPONSE_FD)
-    # Everything else goes, so the no-new-fds limit below leaves exactly fds 0-4.
-    os.closerange(RESPONSE_FD + 1, 4096)
+    # Everything else goes (close_range(2)), so the no-new-fds limit below leaves exactly fds 0-4.
+    os.closerange(RESPONSE_FD + 1, 2**31 - 1)
 
 
 def _limit(resource, config: dict) -> None:
@@ -101,7 +134,8 @@ def _limit(resource, config: dict) -> None:
         resource.setrlimit(kind, value)
 
 
-def _watch_parent(parent: int, sleep) -> None:
+def _watch_parent(parent: int, sleep, started) -> None:
+    started.release()
     while True:
         sleep(0.5)
         if os.getppid() != parent:
