@@ -2,8 +2,9 @@
 # GPU checks for the shared-weight vLLM engine: pytest GPU tests + benchmarks/rl_step.py.
 # Run from the repository root on a CUDA machine with vllm 0.26.0 importable:
 #   bash benchmarks/gpu_check.sh quick   # GPU tests + a 2-layer Llama-3-8B-shaped smoke benchmark (eager)
-#   bash benchmarks/gpu_check.sh full    # the Llama-3-8B benchmark (CUDA graphs)
+#   bash benchmarks/gpu_check.sh full    # the Llama-3-8B benchmark (CUDA graphs) with the length search
 #   bash benchmarks/gpu_check.sh all     # both
+#   bash benchmarks/gpu_check.sh step    # GRPOTrainer.training_step before/after at 8 x 8 x 512, --quick (~4 min)
 #   bash benchmarks/gpu_check.sh regimes # rl_step at 1 prompt x 8 x 4096 and 16 prompts x 8 x 512 (CUDA graphs)
 #   bash benchmarks/gpu_check.sh example # python -m rlcore.run examples/gsm8k_grpo.py on a dummy Llama-3-8B dir
 #   bash benchmarks/gpu_check.sh kernels # kernel GPU tests + train_step.py + kernel_ops.py (liger-kernel for its rows)
@@ -26,20 +27,23 @@ status=0
 if [ "$mode" = quick ] || [ "$mode" = all ]; then
   python3 -m pytest tests/test_vllm_engine.py -m "gpu or not gpu" -q -s -p no:cacheprovider 2>&1 \
     | tee "$OUT/pytest.log" || status=1
-  python3 benchmarks/rl_step.py --layers 2 --eager --num-prompts 4 --steps 2 --completion-len 64 \
-    --search-lengths 1024,4096 --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || status=1
+  python3 benchmarks/rl_step.py --quick --layers 2 --eager --prompts 2 --completion-len 64 \
+    --search-lengths 1024,4096 --keep-gib 4 --out "$OUT/smoke.json" 2>&1 | tee "$OUT/smoke.log" || status=1
 fi
 if [ "$mode" = full ] || [ "$mode" = all ]; then
   python3 benchmarks/rl_step.py --out "$OUT/rl_step.json" 2>&1 | tee "$OUT/rl_step.log" || status=1
 fi
+if [ "$mode" = step ]; then
+  python3 benchmarks/rl_step.py --quick --out "$OUT/rl_step.json" 2>&1 | tee "$OUT/rl_step.log" || status=1
+fi
 if [ "$mode" = regimes ]; then
-  python3 benchmarks/rl_step.py --num-prompts 1 --completion-len 4096 --max-model-len 4352 --micro-batch 1 \
-    --search-lengths "" --out "$OUT/rl_step_long.json" 2>&1 | tee "$OUT/rl_step_long.log" || status=1
-  python3 benchmarks/rl_step.py --num-prompts 16 --completion-len 512 --search-lengths "" \
+  python3 benchmarks/rl_step.py --quick --prompts 1 --completion-len 4096 --micro-batch 1 --keep-gib 0 \
+    --out "$OUT/rl_step_long.json" 2>&1 | tee "$OUT/rl_step_long.log" || status=1
+  python3 benchmarks/rl_step.py --quick --prompts 16 --completion-len 512 --keep-gib 0 \
     --out "$OUT/rl_step_16.json" 2>&1 | tee "$OUT/rl_step_16.log" || status=1
 fi
 if [ "$mode" = example ]; then
-  model_dir=$(python3 -c "from rlcore.testing import write_llama3_8b_dummy_dir as w; print(w('/tmp/llama3-8b-dummy'))")
+  model_dir=$(python3 -c "from rlcore.tiny_model import write_llama3_8b_dummy_dir as w; print(w('/tmp/llama3-8b-dummy'))")
   python3 -m rlcore.run examples/gsm8k_grpo.py --set model="$model_dir" --set load_format=dummy \
     --set dataset=bundled --set max_steps=2 --set save_steps=2 --set output_dir="$OUT/example" --no-progress \
     2>&1 | tee "$OUT/example.log" || status=1

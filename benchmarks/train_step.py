@@ -57,7 +57,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def llama3_8b_config(layers: int):
     from transformers import LlamaConfig
 
-    from rlcore.testing import LLAMA3_8B_CONFIG
+    from rlcore.tiny_model import LLAMA3_8B_CONFIG
 
     values = {k: v for k, v in LLAMA3_8B_CONFIG.items() if k not in ("architectures", "model_type", "torch_dtype")}
     return LlamaConfig(**{**values, "num_hidden_layers": layers})

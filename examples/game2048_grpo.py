@@ -70,6 +70,7 @@ rewards = [
 # function, so the rewards are the "no function" values; this checks the plumbing, not the learning).
 tiny = {
     "engine": "hf",
+    "cpu_threads": 1,  # the tiny model's matrices are too small to split across threads
     "dtype": "float32",
     "output_dir": "outputs/game2048-tiny",
     "learning_rate": 5e-4,

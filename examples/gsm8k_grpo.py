@@ -10,7 +10,7 @@ problems shipped with rlcore), or a local .jsonl/.json file of {"question": ...,
 """
 
 from rlcore import GRPOConfig, ModelConfig
-from rlcore.data import DatasetError, bundled_gsm8k_path, load_rows
+from rlcore.dataset_rows import DatasetError, bundled_gsm8k_path, load_rows
 from rlcore.rewards import CorrectAnswer, FormatReward
 
 SYSTEM_PROMPT = ("Solve the math problem. Reason step by step, then write the final answer alone on the last "
@@ -51,6 +51,7 @@ rewards = [CorrectAnswer(), FormatReward(weight=0.2)]
 tiny = {
     "dataset": "bundled",
     "engine": "hf",
+    "cpu_threads": 1,  # the tiny model's matrices are too small to split across threads
     "dtype": "float32",
     "output_dir": "outputs/gsm8k-tiny",
     "learning_rate": 5e-4,

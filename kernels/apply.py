@@ -1,6 +1,7 @@
-"""Swaps HF Llama modules' forwards for rlcore's kernels. All coupling to transformers' internals is here.
+"""Swaps HF Llama modules' forwards for rlcore's kernels. transformers' private parts are reached only through
+:mod:`rlcore.kernels.transformers_compat`.
 
-Written against transformers 5.17 – 5.23 (``models/llama/modeling_llama.py`` is the same in both for the
+Written against transformers 5.17 – 5.24 (``models/llama/modeling_llama.py`` is the same in both for the
 parts used here): ``LlamaRMSNorm`` (``weight``, ``variance_epsilon``), ``LlamaMLP`` (``gate_proj``,
 ``up_proj``, ``down_proj``, ``act_fn``), ``LlamaAttention.forward(hidden_states, position_embeddings,
 attention_mask, past_key_values, **kwargs)`` with ``position_embeddings = (cos, sin)`` of shape [B, L, D] and
@@ -25,18 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import transformers_compat
+from .fp8_linear import FP8Linear
 from .lora_linear import lora_linear
 from .rmsnorm import rmsnorm
 from .rope import apply_rope_
 from .swiglu import swiglu
 
 _ORIG = "_rlcore_original_forward"
-
-
-def _llama_classes() -> tuple[type, type, type]:
-    from transformers.models.llama import modeling_llama as ml
-
-    return ml.LlamaRMSNorm, ml.LlamaMLP, ml.LlamaAttention
 
 
 def _rmsnorm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -53,8 +50,6 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
                        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                        attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
                        **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from transformers.models.llama.modeling_llama import ALL_ATTENTION_FUNCTIONS, eager_attention_forward
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     # RoPE on the [B, L, H·D] projection outputs: they are not views, so the kernel rotates them in place
@@ -81,8 +76,7 @@ def _attention_forward(self: nn.Module, hidden_states: torch.Tensor,
     value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     if past_key_values is not None:
         key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                                eager_attention_forward)
+    attention_interface = transformers_compat.attention_interface(self)
     attn_output, attn_weights = attention_interface(
         self, query_states, key_states, value_states, attention_mask,
         dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs)
@@ -94,7 +88,7 @@ _MASK_FREE = "rlcore_packed"  # an attention implementation transformers has no 
 
 
 def _patched_attention_modules(model: nn.Module) -> tuple[int, int]:
-    _, _, attn_cls = _llama_classes()
+    _, _, attn_cls = transformers_compat.llama_classes()
     attention = [m for m in model.modules() if isinstance(m, attn_cls)]
     return sum(hasattr(m, _ORIG) for m in attention), len(attention)
 
@@ -117,12 +111,8 @@ def mask_free_packed_forward(model: nn.Module) -> Iterator[bool]:
     if config is None or total == 0 or patched != total:
         yield False
         return
-    previous = config._attn_implementation
-    config._attn_implementation = _MASK_FREE
-    try:
+    with transformers_compat.attention_implementation(config, _MASK_FREE):
         yield True
-    finally:
-        config._attn_implementation = previous
 
 
 def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -139,6 +129,9 @@ def _peft_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: A
                                                  (dropout.p == 0 or not self.training))):
         return original(x, *args, **kwargs)
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if isinstance(base, FP8Linear) and x.dtype == torch.bfloat16:
+        # the FP8 base GEMM and the LoRA term in one autograd node (rlcore.kernels.fp8_linear)
+        return base.lora_forward(x, lora_a, lora_b, self.scaling[name])
     if x.dtype != base.weight.dtype or not (lora_a.is_floating_point() and lora_b.is_floating_point()):
         return original(x, *args, **kwargs)
     return lora_linear(x, base.weight, lora_a, lora_b, self.scaling[name], base.bias)
@@ -151,13 +144,6 @@ def _patch(module: nn.Module, forward: Any, backend: str | None) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def _check(module: nn.Module, attrs: tuple[str, ...]) -> None:
-    missing = [a for a in attrs if not hasattr(module, a)]
-    if missing:
-        raise RuntimeError(f"{type(module).__name__} has no {missing}: this transformers version's Llama differs "
-                           "from the 5.17–5.23 layout rlcore.kernels.apply was written for")
-
-
 def apply_kernels(model: nn.Module, rope: bool = True, swiglu: bool = True, rmsnorm: bool = True,
                   lora: bool = False, backend: str | None = None) -> dict[str, int]:
     """Patches every Llama RMSNorm / MLP / attention (and PEFT LoRA linear if ``lora``) inside ``model``.
@@ -165,28 +151,31 @@ def apply_kernels(model: nn.Module, rope: bool = True, swiglu: bool = True, rmsn
     ``backend`` is passed to each kernel (``None``: Triton on CUDA, reference on CPU; see ``_utils``).
     Returns how many modules of each kind were patched. Idempotent; ``revert_kernels`` undoes it.
     """
-    norm_cls, mlp_cls, attn_cls = _llama_classes()
+    norm_cls, mlp_cls, attn_cls = transformers_compat.llama_classes()
     counts = {"rmsnorm": 0, "swiglu": 0, "rope": 0, "lora": 0}
     lora_cls: type | None = None
     if lora:
         from peft.tuners.lora.layer import Linear as lora_cls  # noqa: N813
     for module in model.modules():
         if rmsnorm and isinstance(module, norm_cls):
-            _check(module, ("weight", "variance_epsilon"))
+            transformers_compat.require_attributes(module, ("weight", "variance_epsilon"))
             _patch(module, _rmsnorm_forward, backend)
             counts["rmsnorm"] += 1
         elif swiglu and isinstance(module, mlp_cls):
-            _check(module, ("gate_proj", "up_proj", "down_proj", "config"))
+            transformers_compat.require_attributes(module, ("gate_proj", "up_proj", "down_proj", "config"))
             if module.config.hidden_act not in ("silu", "swish"):
                 continue
             _patch(module, _mlp_forward, backend)
             counts["swiglu"] += 1
         elif rope and isinstance(module, attn_cls):
-            _check(module, ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx", "config"))
+            transformers_compat.require_attributes(module, ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim",
+                                                            "scaling", "layer_idx", "config"))
             _patch(module, _attention_forward, backend)
             counts["rope"] += 1
         elif lora_cls is not None and isinstance(module, lora_cls):
-            _check(module, ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "use_dora"))
+            transformers_compat.require_attributes(
+                module, ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "use_dora"),
+                layout="peft 0.17 – 0.21 LoRA")
             _patch(module, _peft_lora_forward, backend)
             counts["lora"] += 1
     if not any(counts.values()):

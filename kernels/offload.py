@@ -127,6 +127,6 @@ def _unpack(packed: Any) -> torch.Tensor:
 
 def release_host_cache() -> None:
     """Returns cached pinned host blocks to the OS (PyTorch keeps freed ones for reuse)."""
-    empty = getattr(torch._C, "_host_emptyCache", None)
-    if empty is not None:
-        empty()
+    from .torch_compat import release_pinned_host_cache
+
+    release_pinned_host_cache()

@@ -20,19 +20,34 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-try:  # optional, CUDA only
-    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
-except Exception:  # pragma: no cover - depends on the install
-    flash_attn_varlen_func = None
 
-try:  # torch >= 2.10; its kernel runs on CUDA only
-    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
-except Exception:  # pragma: no cover - depends on the torch version
-    torch_varlen_attn = None
+@functools.lru_cache(maxsize=None)
+def _varlen_kernels() -> tuple[Any, Any]:
+    """(torch's ``varlen_attn``, flash-attn's ``flash_attn_varlen_func``), None where unavailable. Imported on
+    first use, not with this module: ``torch.nn.attention.varlen`` pulls in torch._dynamo (~1.5 s)."""
+    try:  # torch >= 2.10; its kernel runs on CUDA only
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:  # pragma: no cover - depends on the torch version
+        varlen_attn = None
+    try:  # optional, CUDA only
+        from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
+    except Exception:  # pragma: no cover - depends on the install
+        flash_attn_varlen_func = None
+    return varlen_attn, flash_attn_varlen_func
+
+
+def __getattr__(name: str) -> Any:
+    # ``torch_varlen_attn`` / ``flash_attn_varlen_func`` stay readable as module attributes
+    if name == "torch_varlen_attn":
+        return _varlen_kernels()[0]
+    if name == "flash_attn_varlen_func":
+        return _varlen_kernels()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _HALF = (torch.float16, torch.bfloat16)  # the dtypes the flash varlen kernels take
 
@@ -147,6 +162,7 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_params() -> frozenset[str]:
+    torch_varlen_attn = _varlen_kernels()[0]
     return frozenset(inspect.signature(torch_varlen_attn).parameters) if torch_varlen_attn is not None else frozenset()
 
 
@@ -159,6 +175,7 @@ def varlen_backend(q: torch.Tensor, scale: float | None = None, backend: str | N
     # torch 2.10 spells causal ``is_causal=True``; later versions ``window_size=(-1, 0)``
     causal = "window_size" in params or "is_causal" in params
     default_scale = scale is None or abs(scale - q.shape[-1] ** -0.5) < 1e-12
+    torch_varlen_attn, flash_attn_varlen_func = _varlen_kernels()
     if torch_varlen_attn is not None and causal and ("scale" in params or default_scale):
         return "torch_varlen"
     if flash_attn_varlen_func is not None:
@@ -186,8 +203,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                 groups = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        return torch_varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
+        return _varlen_kernels()[0](q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
     if choice == "flash_attn":
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        return _varlen_kernels()[1](q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                       softmax_scale=scale, causal=True)
     return varlen_attention_reference(q, k, v, cu_seqlens, scale)

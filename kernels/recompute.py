@@ -12,18 +12,20 @@ backward; a checkpointed layer keeps only its input hidden state.
 * :func:`set_checkpointed_layers` applies it: the *last* layers are left out, because backward reaches them
   first (their memory is released before any recomputation runs), which keeps the peak lowest.
 
-Written against transformers 5.17 – 5.23: decoder layers are ``GradientCheckpointingLayer`` instances whose
-``gradient_checkpointing`` attribute (set by ``gradient_checkpointing_enable``) is read on every call.
+Written against transformers 5.17 – 5.24: decoder layers are ``GradientCheckpointingLayer`` instances whose
+``gradient_checkpointing`` attribute (set by ``gradient_checkpointing_enable``) is read on every call; those
+accesses go through :mod:`rlcore.kernels.transformers_compat`.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from . import transformers_compat
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -31,7 +33,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
     layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not all(hasattr(l, "gradient_checkpointing") for l in layers):
+    if not isinstance(layers, nn.ModuleList) or not all(transformers_compat.is_checkpointing_layer(layer)
+                                                        for layer in layers):
         raise ValueError(f"{type(base).__name__} has no decoder layers with a gradient_checkpointing switch")
     return layers
 
@@ -45,11 +48,11 @@ def set_checkpointed_layers(model: nn.Module, left_out: int) -> list[int]:
     layers = decoder_layers(model)
     if not 0 <= left_out <= len(layers):
         raise ValueError(f"left_out={left_out} must be between 0 and the number of layers ({len(layers)})")
-    if not any(getattr(layer, "_gradient_checkpointing_func", None) for layer in layers):
+    if not any(transformers_compat.layer_has_checkpointing_function(layer) for layer in layers):
         raise ValueError("gradient checkpointing is not enabled on this model (call gradient_checkpointing_enable)")
     first_left_out = len(layers) - left_out
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index < first_left_out
+        transformers_compat.set_layer_checkpointing(layer, index < first_left_out)
     return list(range(first_left_out, len(layers)))
 
 
@@ -107,20 +110,18 @@ def saved_bytes_per_layer(model: nn.Module, input_ids: torch.Tensor, **forward_k
     def stop(_module, _args, _output):
         counter.active = False
 
-    was_checkpointed, was_training = first.gradient_checkpointing, decoder.training
+    was_checkpointed, was_training = transformers_compat.layer_checkpointing(first), decoder.training
     handles = [first.register_forward_pre_hook(start, with_kwargs=True), first.register_forward_hook(stop)]
-    first.gradient_checkpointing = False
+    transformers_compat.set_layer_checkpointing(first, False)
     try:
         decoder.train()
-        with torch.enable_grad(), counter, warnings.catch_warnings():
-            # transformers 5.2x warns that is_gradient_checkpointing is renamed; not ours to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with torch.enable_grad(), counter, transformers_compat.quiet_renamed_checkpointing_warning():
             out = decoder(input_ids=input_ids, use_cache=False, **forward_kwargs)
         del out
     finally:
         for handle in handles:
             handle.remove()
-        first.gradient_checkpointing = was_checkpointed
+        transformers_compat.set_layer_checkpointing(first, was_checkpointed)
         decoder.train(was_training)
     if not hidden_bytes:
         raise RuntimeError("layer 0 did not run during the measuring forward")

@@ -8,6 +8,10 @@
 Numbers are compared exactly as rationals after normalisation: ``1,234.50`` = ``$1234.5`` = ``1234.50.``
 (trailing full stop), ``25%`` = ``25``, ``10 dollars`` = ``10``, ``\\frac{3}{4}`` = ``3/4`` = ``0.75``,
 ``-7`` = ``−7``.
+
+A number of more than :data:`MAX_ANSWER_DIGITS` digits cannot be read (Python refuses to convert integers of
+over 4,300 digits, and nobody's answer is that long): a completion or reference holding one as its answer is
+scored wrong, and FormatReward does not count it as a well-formed final line.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Any
 
 from .base import RewardFunction, completion_text
 
-__all__ = ["CorrectAnswer", "FormatReward", "answers_match", "extract_final_answer", "extract_reference_answer",
-           "final_answer_line", "parse_number"]
+__all__ = ["MAX_ANSWER_DIGITS", "AnswerTooLong", "CorrectAnswer", "FormatReward", "answers_match",
+           "extract_final_answer", "extract_reference_answer", "final_answer_line", "parse_number"]
 
 # A number as people write it: optional minus (only where it cannot be a subtraction: nothing word-like
 # or closing right before it), optional "$", digits with optional thousands commas, optional decimals,
@@ -36,6 +40,11 @@ _ANSWER_IS = re.compile(r"\b(?:final\s+)?answer\s*(?:is|:|=)\s*:?([^\n]*)", re.I
 _BOXED = re.compile(r"\\boxed\s*\{")
 _CALCULATOR = re.compile(r"<<[^<>\n]*>>")  # GSM8K's calculator annotations, <<48/2=24>>
 _FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*)\}\s*\{\s*([^{}]*)\}")
+MAX_ANSWER_DIGITS = 4000  # below CPython's 4,300-digit int/str conversion limit
+
+
+class AnswerTooLong(ValueError):
+    """A number has more than MAX_ANSWER_DIGITS digits: it is not read as an answer."""
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -81,6 +90,8 @@ def extract_reference_answer(answer: Any) -> str:
     number string (``"1,200"``) or an int/float. Raises ValueError when it holds no number (a data problem)."""
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise ValueError(f"reference answer must be a string or a number, got {type(answer).__name__}")
+    if isinstance(answer, int) and answer.bit_length() > MAX_ANSWER_DIGITS * 3:  # ~ 0.9 × the digit limit
+        raise AnswerTooLong(f"reference answer has more than {MAX_ANSWER_DIGITS * 3 * 0.30103:,.0f} digits")
     if isinstance(answer, (int, float)):
         return _canonical(Fraction(str(answer)))
     if "####" in answer:  # GSM8K: only the text after the last "####" is the answer
@@ -113,15 +124,18 @@ def final_answer_line(text: str, allow_boxed: bool = True) -> str | None:
     if not lines:
         return None
     last = lines[-1]
-    match = re.fullmatch(r"####\s*(\S.*?)\s*", last)
-    if match:
-        number = _NUMBER.fullmatch(match.group(1).rstrip(".%").strip())
-        return _canonical(_to_fraction(number)) if number else None
-    if allow_boxed:
-        for position, content in _boxed(last):
-            number = _NUMBER.fullmatch(_latex_to_plain(content).strip().rstrip(".%").strip())
-            if number:
-                return _canonical(_to_fraction(number))
+    try:
+        match = re.fullmatch(r"####\s*(\S.*?)\s*", last)
+        if match:
+            number = _NUMBER.fullmatch(match.group(1).rstrip(".%").strip())
+            return _canonical(_to_fraction(number)) if number else None
+        if allow_boxed:
+            for position, content in _boxed(last):
+                number = _NUMBER.fullmatch(_latex_to_plain(content).strip().rstrip(".%").strip())
+                if number:
+                    return _canonical(_to_fraction(number))
+    except AnswerTooLong:
+        return None
     return None
 
 
@@ -151,8 +165,11 @@ class CorrectAnswer(RewardFunction):
         references = columns[self.answer_column]
         scores = []
         for completion, reference in zip(completions, references, strict=True):
-            predicted = extract_final_answer(completion_text(completion), fallback_last_number=not self.strict)
-            matched = answers_match(predicted, extract_reference_answer(reference))
+            try:
+                predicted = extract_final_answer(completion_text(completion), fallback_last_number=not self.strict)
+                matched = answers_match(predicted, extract_reference_answer(reference))
+            except AnswerTooLong:  # an unreadable number is not a right answer
+                matched = False
             scores.append(self.correct if matched else self.wrong)
         return scores
 
@@ -202,6 +219,9 @@ def _latex_to_plain(text: str) -> str:
 
 
 def _to_fraction(match: re.Match) -> Fraction:
+    digits = sum(len(match.group(g) or "") for g in ("int", "frac", "den"))
+    if digits > MAX_ANSWER_DIGITS:
+        raise AnswerTooLong(f"a number of {digits:,} digits (more than {MAX_ANSWER_DIGITS:,})")
     value = Fraction(match.group("int").replace(",", "") + ("." + match.group("frac") if match.group("frac") else ""))
     if match.group("den"):
         denominator = int(match.group("den"))
@@ -210,18 +230,20 @@ def _to_fraction(match: re.Match) -> Fraction:
 
 
 def _canonical(value: Fraction) -> str:
-    """``72``, ``1234.5``, ``-7``, ``1/3``: integers and terminating decimals in decimal, others as p/q."""
+    """``72``, ``1234.5``, ``-7``, ``1/3``: integers and terminating decimals in decimal, others (and decimals
+    longer than MAX_ANSWER_DIGITS) as p/q."""
     if value.denominator == 1:
         return str(value.numerator)
     denominator = value.denominator
-    for prime in (2, 5):
-        while denominator % prime == 0:
-            denominator //= prime
-    if denominator != 1:
+    twos = (denominator & -denominator).bit_length() - 1
+    denominator >>= twos
+    fives = 0
+    while denominator % 5 == 0:
+        denominator //= 5
+        fives += 1
+    digits = max(twos, fives)  # a terminating decimal has exactly this many digits after the point
+    if denominator != 1 or digits > MAX_ANSWER_DIGITS:
         return f"{value.numerator}/{value.denominator}"
-    digits = 0
-    while (value * 10 ** digits).denominator != 1:
-        digits += 1
-    scaled = abs(value * 10 ** digits).numerator  # exact: no float rounding of long decimals
+    scaled = abs(value.numerator) * (10 ** digits // value.denominator)  # exact: no float rounding
     whole, decimals = divmod(scaled, 10 ** digits)
     return f"{'-' if value < 0 else ''}{whole}.{decimals:0{digits}d}"

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-SCALE_REWARDS = ("group", "batch", "none")
+from rlcore.config import SCALE_REWARDS  # the one list of allowed names
 # added to the std before dividing, as TRL does: a group whose rewards are all equal gets advantage 0, not NaN
 STD_EPS = 1e-4
 
@@ -55,7 +55,9 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     * ``"none"`` (False): no division, A_i = r_i − mean_group(r) (Dr. GRPO)
 
     Means and stds ignore NaN rewards (unscorable completions); the std is the unbiased (n − 1) one; a NaN
-    advantage (unscorable completion, or a group with a single scorable one) becomes 0. Same as TRL 1.16.
+    advantage (unscorable completion, or a group with a single scorable one) becomes 0. Same as TRL 1.16,
+    except that the arithmetic is float64 (TRL: float32), so rewards up to ±1.7e38 keep a finite std; the
+    advantages come back in the rewards' dtype.
 
     Returns (advantages, stats) with float stats for logging: ``reward_std_group_mean`` (mean over groups of
     the within-group std), ``frac_zero_std_groups`` (groups whose rewards are all equal: no learning signal),
@@ -75,8 +77,10 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     if rewards.numel() == 0 or rewards.numel() % num_generations:
         raise ValueError(f"rewards has {rewards.numel()} values, not a positive multiple of "
                          f"num_generations={num_generations}")
-    if not rewards.is_floating_point():
-        rewards = rewards.float()
+    # float64 inside: squared deviations of float32 rewards above ~1.8e19 would overflow float32 and turn
+    # the std into inf, i.e. every advantage silently into 0
+    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
+    rewards = rewards.to(torch.float64)
     grouped = rewards.view(-1, num_generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
     group_std = group_reward_std(rewards, num_generations)
@@ -87,7 +91,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards:
     advantages = rewards - mean
     if scale_rewards != "none":
         advantages = advantages / (std + STD_EPS)
-    advantages = torch.nan_to_num(advantages, nan=0.0)
+    advantages = torch.nan_to_num(advantages, nan=0.0).to(out_dtype)
     group_zero = torch.isclose(group_std, torch.zeros_like(group_std))
     stats = {
         "reward_std_group_mean": float(torch.nanmean(group_std)) if not torch.isnan(group_std).all() else 0.0,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rlcore.rollout import Rollout, RolloutEngine, SamplingSettings
+from rlcore.rollout import Rollout, RolloutEngine, SamplingSettings, StandbyStats, SyncStats
 
 
 class _SampledLogprobRecorder:
@@ -99,7 +99,7 @@ class HFEngine(RolloutEngine):
                 rollouts += self._generate_batch(prompt_ids[start:start + size], sampling, stop_ids)
         return rollouts
 
-    def sleep(self) -> dict:
+    def sleep(self) -> StandbyStats:
         # The KV cache of transformers' DynamicCache is freed when generate returns; on CUDA hand the cached
         # blocks back to the driver so training sees them.
         start = time.perf_counter()
@@ -108,18 +108,17 @@ class HFEngine(RolloutEngine):
             before = torch.cuda.memory_reserved()
             torch.cuda.empty_cache()
             freed = before - torch.cuda.memory_reserved()
-        return {"freed_bytes": freed, "seconds": time.perf_counter() - start}
+        return StandbyStats(seconds=time.perf_counter() - start, freed_bytes=freed)
 
-    def sync_weights(self) -> dict:
+    def sync_weights(self) -> SyncStats:
         # Generation runs on the trained module itself: its weights are always current.
-        return {"seconds": 0.0}
+        return SyncStats()
 
     # ------------------------------------------------------------------ internals
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingSettings,
                         stop_ids: list[int]) -> list[Rollout]:
-        from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
-                                                            TopKLogitsWarper, TopPLogitsWarper)
+        from transformers import (GenerationConfig, LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper,
+                                  TopKLogitsWarper, TopPLogitsWarper)
 
         device = self._device()
         pad_id = self._pad_id(stop_ids)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+from rlcore.config import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, validate_loss_fields
+from rlcore.config import VLLM_IS_MODES as IS_MODES
+
 # loss types that divide by the active tokens of the whole accumulated batch (``num_items_in_batch``)
 TOKEN_SUM_NORMALISED = ("dapo", "cispo")
 # loss types whose surrogate is the PPO-style clipped one (clip-fraction metrics are defined for these)
@@ -34,7 +34,8 @@ CLIPPED_SURROGATE = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The GRPOConfig fields the loss reads. Build it with :meth:`from_config`; validated at construction.
+    """The GRPOConfig fields the loss reads. Build it with :meth:`from_config`; validated at construction by
+    :func:`rlcore.config.validate_loss_fields`, the same check as GRPOConfig's.
 
     ``epsilon_high`` defaults to ``epsilon`` for every loss type, as in TRL. For ``cispo`` it is the absolute cap
     on the ratio, so leaving it unset caps every weight at ``epsilon`` (0.2): the gradient is then uniformly
@@ -53,34 +54,11 @@ class LossSettings:
     max_completion_length: int = 512
     top_entropy_quantile: float = 1.0
     off_policy_mask_threshold: float | None = None
+    # grpo_loss drops every token of a truncated completion from completion_mask (see loss_mask)
     mask_truncated_completions: bool = False
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r} is not allowed: expected one of {LOSS_TYPES}")
-        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(f"importance_sampling_level={self.importance_sampling_level!r} is not allowed: "
-                             f"expected one of {IMPORTANCE_SAMPLING_LEVELS}")
-        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
-            raise ValueError("importance_sampling_level must be 'sequence' with loss_type='luspo' (LUSPO scales the "
-                             "sequence-level GSPO objective by the completion length)")
-        for name in ("epsilon", "sapo_temperature_neg", "sapo_temperature_pos"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: expected a number > 0")
-        if self.epsilon_high is not None and not self.epsilon_high > 0:
-            raise ValueError(f"epsilon_high={self.epsilon_high!r} is not allowed: expected a number > 0")
-        if self.beta < 0:
-            raise ValueError(f"beta={self.beta!r} is not allowed: expected a number >= 0")
-        if self.delta is not None and not self.delta > 1:
-            raise ValueError(f"delta={self.delta!r} is not allowed: expected a number > 1")
-        if not 0.0 <= self.top_entropy_quantile <= 1.0:
-            raise ValueError(f"top_entropy_quantile={self.top_entropy_quantile!r} is not allowed: expected [0, 1]")
-        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold > 0:
-            raise ValueError(f"off_policy_mask_threshold={self.off_policy_mask_threshold!r} is not allowed: "
-                             "expected a number > 0")
-        if not (isinstance(self.max_completion_length, int) and self.max_completion_length >= 1):
-            raise ValueError(f"max_completion_length={self.max_completion_length!r} is not allowed: "
-                             "expected an integer >= 1")
+        validate_loss_fields(self)
 
     @property
     def epsilon_low(self) -> float:
@@ -98,6 +76,16 @@ class LossSettings:
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
+def loss_mask(completion_mask: torch.Tensor, truncated: torch.Tensor | None,
+              mask_truncated_completions: bool) -> torch.Tensor:
+    """The tokens the loss reads, ``[B, T]``: m_t = c_t · (1 − truncated) with ``mask_truncated_completions``
+    (a completion cut at max_completion_length teaches nothing about how to end), else m_t = c_t, where c is
+    ``completion_mask`` (1 on completion tokens, 0 on padding) and ``truncated`` is ``[B]`` bool."""
+    if not mask_truncated_completions:
+        return completion_mask
+    return completion_mask * (~truncated.bool()).to(completion_mask.dtype).unsqueeze(1)
+
+
 def log_importance_weights(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, mask: torch.Tensor,
                            level: str) -> torch.Tensor:
     """log of the importance ratio π_θ / π_old.
@@ -200,13 +188,16 @@ def sampler_mismatch(train_logps: torch.Tensor, sampling_logps: torch.Tensor, ma
     qualifies.
     """
     delta = (train_logps - sampling_logps).detach()
-    keep = mask.bool() & torch.isfinite(delta)
-    delta = delta[keep]
-    if delta.numel() == 0:
+    if delta.numel() == 0:  # a shape, known on the host
         zero = torch.zeros((), dtype=train_logps.dtype, device=train_logps.device)
         return {"logp_diff_mean": zero, "logp_diff_max": zero, "kl": zero}
-    return {"logp_diff_mean": delta.abs().mean(), "logp_diff_max": delta.abs().max(),
-            "kl": (torch.exp(delta) - delta - 1).mean()}
+    keep = mask.bool() & torch.isfinite(delta)
+    # masked reductions, no boolean indexing: the result stays on the device (no host synchronisation)
+    delta = torch.where(keep, delta, torch.zeros_like(delta))
+    count = keep.sum().to(delta.dtype).clamp(min=1.0)
+    absolute = delta.abs()
+    return {"logp_diff_mean": absolute.sum() / count, "logp_diff_max": absolute.max(),
+            "kl": (torch.exp(delta) - delta - 1).sum() / count}
 
 
 @torch.no_grad()
@@ -249,15 +240,22 @@ def importance_sampling_correction(old_per_token_logps: torch.Tensor, sampling_p
         weights = torch.clamp(weights, min=clip_min, max=clip_max)
     else:
         weights = weights.masked_fill(outside, 0.0)
-    flat = weights.flatten() if sequence_level else weights[mask.bool()]
-    flat_outside = outside.flatten() if sequence_level else outside[mask.bool()]
-    metrics: dict[str, torch.Tensor] = {}
-    if flat.numel():
-        metrics.update(min=flat.min(), mean=flat.mean(), max=flat.max(),
-                       fraction_corrected=flat_outside.to(weights.dtype).mean())
+    # statistics over completions (sequence modes) or active tokens (token modes), as masked reductions so
+    # that nothing waits for the device; all zero when there is nothing to count
+    active = torch.ones_like(weights, dtype=torch.bool) if sequence_level else mask.bool()
+    count = active.sum()
+    zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
+    if weights.numel() == 0:
+        lowest = highest = zero
     else:
-        zero = torch.zeros((), dtype=weights.dtype, device=weights.device)
-        metrics.update(min=zero, mean=zero, max=zero, fraction_corrected=zero)
+        lowest = torch.where(count > 0, torch.where(active, weights, math.inf).min(), zero)
+        highest = torch.where(count > 0, torch.where(active, weights, -math.inf).max(), zero)
+    metrics: dict[str, torch.Tensor] = {
+        "min": lowest,
+        "mean": torch.where(active, weights, 0.0).sum() / count.clamp(min=1),
+        "max": highest,
+        "fraction_corrected": (active & outside).sum().to(weights.dtype) / count.clamp(min=1),
+    }
     metrics.update(sampler_mismatch(old_per_token_logps, sampling_per_token_logps, mask))
     return weights, metrics
 
@@ -295,8 +293,10 @@ def aggregate(per_token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, 
         if num_items_in_batch is None:
             raise ValueError(f"num_items_in_batch is required for loss_type={loss_type!r}: the number of active "
                              "completion tokens over every micro-batch of the optimizer step")
-        normaliser = torch.as_tensor(num_items_in_batch, dtype=per_token_loss.dtype, device=per_token_loss.device)
-        return summed.sum() / normaliser.clamp(min=1.0)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return summed.sum() / num_items_in_batch.to(per_token_loss.dtype).clamp(min=1.0)
+        # a Python number divides as it is: no tensor made from it, so no host-to-device copy per micro-step
+        return summed.sum() / max(1.0, float(num_items_in_batch))
     return summed.sum(-1).mean() / gradient_accumulation_steps  # luspo
 
 
@@ -324,7 +324,8 @@ def grpo_loss(
             the ratio is 1 but its gradient is ∇logp).
         ref_per_token_logps: ``[B, T]`` log π_ref; required when ``settings.beta > 0``.
         advantages: ``[B]`` (or ``[B, T]``).
-        completion_mask: ``[B, T]``, 1 on completion tokens.
+        completion_mask: ``[B, T]``, 1 on completion tokens (a caller holding the final :func:`loss_mask`, such as
+            :class:`rlcore.rollout_batch.RolloutBatch`, passes it here with ``mask_truncated_completions`` off).
         importance_weights: engine-mismatch weights from :func:`importance_sampling_correction` (``[B, T]`` or
             ``[B, 1]``), multiplied into the policy term; None when the correction is off.
         sampling_per_token_logps: ``[B, T]`` the engine's log-probs. Used by ``off_policy_mask_threshold``
@@ -359,9 +360,7 @@ def grpo_loss(
     s = settings
     _check_inputs(per_token_logps, old_per_token_logps, ref_per_token_logps, advantages, completion_mask,
                   importance_weights, sampling_per_token_logps, entropies, truncated, s)
-    mask = completion_mask.to(per_token_logps.dtype)
-    if s.mask_truncated_completions:
-        mask = mask * (~truncated.bool()).to(mask.dtype).unsqueeze(1)
+    mask = loss_mask(completion_mask, truncated, s.mask_truncated_completions).to(per_token_logps.dtype)
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     advantages = advantages.to(per_token_logps.dtype)
@@ -422,8 +421,14 @@ def _metrics(ratio, advantages, mask, per_token_kl, entropies, per_token_logps, 
     elif s.loss_type == "cispo":
         out["cispo_clip_ratio"] = _masked_mean(((ratio > s.epsilon_upper) & (advantages > 0)).to(mask.dtype), mask)
     out["importance_ratio_mean"] = _masked_mean(ratio, mask)
-    active = ratio.flatten() if ratio.shape[-1] == 1 else ratio[mask.bool()]
-    out["importance_ratio_max"] = active.max() if active.numel() else torch.ones((), dtype=ratio.dtype)
+    if ratio.numel() == 0:
+        out["importance_ratio_max"] = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+    elif ratio.shape[-1] == 1:  # sequence level: over completions
+        out["importance_ratio_max"] = ratio.max()
+    else:  # over active tokens, 1 when there is none (a masked max: no host synchronisation)
+        active = mask.bool()
+        largest = torch.where(active, ratio, -math.inf).max()
+        out["importance_ratio_max"] = torch.where(active.any(), largest, torch.ones_like(largest))
     if per_token_kl is not None:
         out["kl"] = _masked_mean(per_token_kl.detach(), mask)
     if entropies is not None:

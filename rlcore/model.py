@@ -11,13 +11,10 @@ from typing import Any
 import torch
 
 from rlcore.config import GRPOConfig, ModelConfig
+from rlcore.model_source import ModelLoadError, hub_unreachable, model_source, resolve_model_path
 from rlcore.rollout import RolloutEngine
 
 logger = logging.getLogger("rlcore")
-
-
-class ModelLoadError(RuntimeError):
-    """The model or tokenizer could not be loaded; the message says how to point at a local copy."""
 
 
 @dataclass
@@ -28,15 +25,6 @@ class Policy:
     tokenizer: Any
     engine: RolloutEngine
     model_path: str
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """``"tiny"`` → the tiny random Llama-3 preset (built on first use); anything else unchanged."""
-    if name_or_path == "tiny":
-        from rlcore.testing import build_tiny_model
-
-        return build_tiny_model()
-    return name_or_path
 
 
 def choose_engine(model_config: ModelConfig) -> str:
@@ -71,6 +59,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None) -> Policy:
     """Builds the LoRA policy and its rollout engine as ``model_config`` says."""
+    if model_source(model_config.model_name_or_path) == "hub":
+        unreachable = hub_unreachable()
+        if unreachable:  # fail now rather than after every download retry
+            raise ModelLoadError(f"model {model_config.model_name_or_path!r} is not on this machine and can not be "
+                                 f"downloaded: the Hugging Face Hub is not reachable ({unreachable}). Use a local "
+                                 "model directory, or 'tiny' for the tiny random test model.")
     path = resolve_model_path(model_config.model_name_or_path)
     tokenizer = load_tokenizer(path, model_config.trust_remote_code)
     engine_name = choose_engine(model_config)
@@ -93,6 +87,47 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
         from rlcore.hf_engine import HFEngine
 
         engine = HFEngine(model, tokenizer)
+    prepare_for_training(model, model_config, grpo_config)
+    logger.info("policy: %s, engine %s, %s trainable parameters", path, engine_name,
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=path)
+
+
+def policy_from_module(module: torch.nn.Module, tokenizer: Any, model_config: ModelConfig | None = None,
+                       grpo_config: GRPOConfig | None = None, engine: RolloutEngine | None = None) -> Policy:
+    """A policy around a causal LM the caller built, set up for training exactly as :func:`load_policy` does.
+
+    A plain module gets frozen and LoRA-wrapped as ``model_config`` says; a ``peft.PeftModel`` is used as it
+    is. Without ``engine`` the policy samples from itself (:class:`~rlcore.hf_engine.HFEngine`).
+    """
+    from peft import PeftModel
+
+    if tokenizer is None:
+        raise ValueError("processing_class (the tokenizer) is required when model is an already built module")
+    model_config = model_config or ModelConfig()
+    model = module
+    if not isinstance(model, PeftModel):
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        model = add_lora(model, model_config)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if engine is None:
+        from rlcore.hf_engine import HFEngine
+
+        engine = HFEngine(model, tokenizer)
+    prepare_for_training(model, model_config, grpo_config)
+    from rlcore.kernels.transformers_compat import name_or_path
+
+    return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=name_or_path(model.config))
+
+
+def prepare_for_training(model: Any, model_config: ModelConfig, grpo_config: GRPOConfig | None) -> None:
+    """What every policy gets before training: gradient checkpointing (``grpo_config.gradient_checkpointing``),
+    rlcore's kernels on CUDA (``model_config.kernels``), and the layers left out of recomputation
+    (``grpo_config.activation_memory_gib``), and on the CPU ``model_config.cpu_threads``."""
+    if model_config.cpu_threads is not None and not next(model.parameters()).is_cuda:
+        torch.set_num_threads(model_config.cpu_threads)
     if grpo_config is not None and grpo_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if model_config.kernels and next(model.parameters()).is_cuda:
@@ -101,9 +136,6 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
         logger.info("kernels applied to the training model: %s", apply_kernels(model, lora=True))
     if grpo_config is not None and grpo_config.activation_memory_gib is not None:
         plan_recompute(model, grpo_config)
-    logger.info("policy: %s, engine %s, %s trainable parameters", path, engine_name,
-                f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-    return Policy(model=model, tokenizer=tokenizer, engine=engine, model_path=path)
 
 
 def compute_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -148,11 +180,9 @@ def add_lora(base, model_config: ModelConfig):
     lora = LoraConfig(r=model_config.lora_r, lora_alpha=model_config.lora_alpha,
                       lora_dropout=model_config.lora_dropout, target_modules=list(model_config.target_modules),
                       bias="none", task_type="CAUSAL_LM")
-    import warnings
+    from rlcore.kernels.transformers_compat import quiet_renamed_checkpointing_warning
 
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' is_gradient_checkpointing, which transformers 5.2x flags as renamed
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_renamed_checkpointing_warning():  # peft 0.21 reads the renamed is_gradient_checkpointing
         return get_peft_model(base, lora)
 
 

@@ -42,6 +42,34 @@ class Rollout:
         return self.finish_reason == "length"
 
 
+@dataclass(frozen=True)
+class StandbyStats:
+    """What one :meth:`RolloutEngine.sleep` or :meth:`RolloutEngine.wake` did."""
+
+    seconds: float = 0.0
+    freed_bytes: int = 0  # sleep: generation-only memory released, by the engine's own account
+    device_freed_bytes: int | None = None  # sleep: growth of the device's free memory, where measured
+    # where the seconds went (engines that measure it): sleep = reset_prefix_cache + unmap; wake = empty_cache
+    # (handing the trainer's cached blocks back, only when the device lacks room) + map
+    reset_prefix_cache_seconds: float = 0.0
+    unmap_seconds: float = 0.0
+    empty_cache_seconds: float = 0.0
+    map_seconds: float = 0.0
+
+    @property
+    def freed_gib(self) -> float:
+        return self.freed_bytes / 2**30
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    """What one :meth:`RolloutEngine.sync_weights` did."""
+
+    seconds: float = 0.0
+    bytes: int = 0  # copied into the engine
+    tensors: int = 0
+
+
 class RolloutEngine(abc.ABC):
     """Generates completions. Implementations: :class:`rlcore.hf_engine.HFEngine`, ``VLLMEngine``."""
 
@@ -51,17 +79,17 @@ class RolloutEngine(abc.ABC):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings) -> list[Rollout]:
         """One :class:`Rollout` per prompt, in order. Repeat prompts to get several completions each."""
 
-    def sleep(self) -> dict:
-        """Releases generation-only memory (KV cache) before training; returns stats (freed bytes, seconds)."""
-        return {}
+    def sleep(self) -> StandbyStats:
+        """Releases generation-only memory (KV cache) before training."""
+        return StandbyStats()
 
-    def wake(self) -> dict:
-        """Re-acquires what :meth:`sleep` released, before the next generation; returns stats."""
-        return {}
+    def wake(self) -> StandbyStats:
+        """Re-acquires what :meth:`sleep` released, before the next generation."""
+        return StandbyStats()
 
-    def sync_weights(self) -> dict:
-        """Makes the next generation use the trainer's current LoRA weights; returns stats (seconds)."""
-        return {}
+    def sync_weights(self) -> SyncStats:
+        """Makes the next generation use the trainer's current LoRA weights."""
+        return SyncStats()
 
     def close(self) -> None:
         """Frees the engine's resources."""

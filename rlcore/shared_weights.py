@@ -7,7 +7,9 @@ slices of ``gate_up_proj.weight``, everything else (o, down, embeddings, lm_head
 Nothing is copied, so the trainer's forward pass reads the exact bytes vLLM generates with.
 
 Only the naming scheme of Llama-family decoders is mapped (Llama, Mistral, Qwen2/3: ``model.layers.N.self_attn``
-/ ``mlp``); an unknown parameter raises ``ValueError`` naming it.
+/ ``mlp``); an unknown parameter raises ``ValueError`` naming it. vLLM's layout facts come from
+:mod:`rlcore.vllm_compat`, torch's and transformers' internals from :mod:`rlcore.kernels.torch_compat` and
+:mod:`rlcore.kernels.transformers_compat`.
 """
 
 from __future__ import annotations
@@ -17,33 +19,23 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from rlcore import vllm_compat
+from rlcore.fp8_weights import share_fp8_linears
+from rlcore.kernels import torch_compat, transformers_compat
+
 # vLLM's fused module -> the transformers modules whose output rows it stacks, in order.
-DEFAULT_PACKED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
+DEFAULT_PACKED_MODULES = vllm_compat.DEFAULT_PACKED_MODULES
 
-
-def alias_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A normal (non-inference, grad-free) tensor over the same memory as ``tensor``.
-
-    vLLM may create or post-process weights under ``torch.inference_mode()``; autograd refuses to save such
-    "inference tensors" for backward, even as frozen weights. Re-pointing a fresh tensor at the same storage
-    gives an ordinary tensor that aliases the bytes, so nothing is copied and no flag of vLLM's is changed.
-    """
-    if not tensor.is_inference():
-        return tensor.detach()
-    out = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-    with torch.no_grad():
-        out.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
-    return out
+# A normal (non-inference, grad-free) tensor over the same memory: vLLM's weights may be inference tensors,
+# which autograd refuses to save for backward even as frozen weights.
+alias_tensor = torch_compat.normal_tensor_alias
 
 
 def source_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
     """``name -> tensor`` of a vLLM model, with the LoRA wrappers' ``.base_layer`` removed from the names."""
     out: dict[str, torch.Tensor] = {}
     for name, parameter in module.named_parameters(remove_duplicate=False):
-        out[name.replace(".base_layer.", ".")] = parameter
+        out[vllm_compat.unwrapped_parameter_name(name)] = parameter
     return out
 
 
@@ -58,13 +50,7 @@ def _view_for(name: str, shape: torch.Size, sources: dict[str, torch.Tensor], co
               packed: dict[str, tuple[str, ...]]) -> torch.Tensor:
     """The slice of a vLLM tensor that plays the role of transformers parameter ``name`` (shape ``shape``)."""
     if name in sources:
-        source = alias_tensor(sources[name])
-        if source.shape != shape and source.dim() == len(shape) and source.shape[1:] == shape[1:] \
-                and source.shape[0] >= shape[0]:
-            # vLLM pads the vocabulary rows of embed_tokens / lm_head (to a multiple of 64 and for LoRA); the
-            # first rows are the real ones, and a leading row slice is still a view.
-            source = source[: shape[0]]
-        return source
+        return vllm_compat.unpadded_vocab_rows(alias_tensor(sources[name]), shape)
     module_path, _, leaf = name.rpartition(".")
     parent, _, module_name = module_path.rpartition(".")
     for fused, parts in packed.items():
@@ -97,10 +83,7 @@ def _restore_buffers(model: nn.Module, config, device: torch.device) -> None:
         if not meta_buffers:
             continue
         if module_name.endswith("rotary_emb"):
-            # transformers 5.x builds the rotary table from the config alone (older releases take device=)
-            with torch.device(device):
-                fresh = type(module)(config=config)
-            fresh.to(device)
+            fresh = transformers_compat.rebuild_rotary_embedding(module, config, device)
             parent_name, _, child = module_name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, fresh)
@@ -128,8 +111,12 @@ def build_shared_model(source_model: nn.Module, config, dtype: torch.dtype | Non
     dtype = dtype or first.dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    # FP8 projections (dtype="float8"): FP8Linear layers over views of vLLM's FP8 weights and scales
+    share_fp8_linears(model, sources, config, packed_map)
     shared: dict[int, nn.Parameter] = {}
     for name, parameter in list(model.named_parameters(remove_duplicate=False)):
+        if not parameter.is_meta:
+            continue  # already a view of vLLM's tensors (the FP8 layers above)
         module_path, _, leaf = name.rpartition(".")
         owner = model.get_submodule(module_path) if module_path else model
         key = id(parameter)  # tied weights (one meta parameter under two names) stay one parameter
@@ -142,7 +129,7 @@ def build_shared_model(source_model: nn.Module, config, dtype: torch.dtype | Non
                 raise ValueError(f"{name}: vLLM tensor is {view.dtype}, expected {dtype} (quantised weights "
                                  "are not shared by this builder)")
             shared[key] = nn.Parameter(view, requires_grad=False)
-        owner._parameters[leaf] = shared[key]
+        torch_compat.replace_parameter(owner, leaf, shared[key])
     _restore_buffers(model, config, device)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:

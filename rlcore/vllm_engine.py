@@ -19,31 +19,32 @@ top-k/top-p/min-p off this is ``log_softmax(logits / T)``, what the trainer reco
 sampling ratio compares like with like. (The default "raw_logprobs" ignores the temperature.) For greedy requests
 vLLM reports ``log_softmax(logits)``.
 
-Written against vllm 0.26.0; the few internals used (worker object, CuMemAllocator handles, the LoRA manager) are
-in the "vLLM internals" section at the bottom.
+Written against vllm 0.26.0; every vLLM internal used (worker object, CuMemAllocator handles, the LoRA manager and
+slot layout, FlatLogprobs) is reached through :mod:`rlcore.vllm_compat`, which refuses other vLLM versions.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rlcore import distributed, vllm_compat
 from rlcore.config import GRPOConfig, ModelConfig
-from rlcore.rollout import Rollout, RolloutEngine, SamplingSettings
+from rlcore.rollout import Rollout, RolloutEngine, SamplingSettings, StandbyStats, SyncStats
 
 logger = logging.getLogger("rlcore")
 
 # vLLM only accepts these LoRA slot ranks; a smaller policy rank uses the next one up (extra columns stay 0).
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_RANKS = vllm_compat.LORA_RANKS
 _LORA_ID = 1
 _LORA_NAME = "rlcore-policy"
-GIB = 2**30
+# free memory wanted beyond the released KV cache before mapping it back without emptying PyTorch's cache
+_WAKE_MARGIN_BYTES = 512 * 2**20
 
 
 @dataclass
@@ -83,16 +84,10 @@ class VLLMEngine(RolloutEngine):
 
     def __init__(self, model_config: ModelConfig, grpo_config: GRPOConfig | None = None, tokenizer: Any = None,
                  *, load_format: str = "auto", ignore_eos: bool = False, **llm_kwargs: Any) -> None:
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-            raise RuntimeError("VLLMEngine shares vLLM's weights with the trainer, so vLLM must run in this "
-                               "process: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
-        # Read by vLLM when the engine is created: keep the engine core in this process.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if model_config.dtype == "float8":
-            raise ValueError("dtype='float8' is not supported by VLLMEngine's shared weights yet; use 'bfloat16'")
+        vllm_compat.keep_engine_in_process()
         if not torch.cuda.is_available():
             raise RuntimeError("VLLMEngine needs a CUDA GPU; use engine='hf' on this machine")
-        from vllm import LLM
+        LLM = vllm_compat.import_vllm().LLM
 
         self.model_config = model_config
         self.grpo_config = grpo_config
@@ -102,7 +97,7 @@ class VLLMEngine(RolloutEngine):
         self.max_lora_rank = slot_rank(model_config.lora_r)
         kwargs: dict[str, Any] = dict(
             model=model_config.model_name_or_path,
-            dtype=model_config.dtype,
+            dtype="bfloat16" if model_config.dtype == "float8" else model_config.dtype,
             seed=grpo_config.seed if grpo_config is not None else 0,
             gpu_memory_utilization=model_config.gpu_memory_utilization,
             max_model_len=model_config.max_seq_length,
@@ -117,12 +112,21 @@ class VLLMEngine(RolloutEngine):
             load_format=load_format,
             trust_remote_code=model_config.trust_remote_code,
         )
+        if model_config.dtype == "float8":
+            # vLLM quantizes the projections to FP8 as it loads them (bf16 activations); the trainer's layers
+            # are views of those FP8 weights and scales (rlcore.fp8_weights)
+            kwargs["quantization"] = "fp8"
+        # under torchrun: this rank's own engine on its own GPU, inside the job's process group ({} otherwise)
+        kwargs.update(distributed.vllm_engine_kwargs(kwargs["seed"]))
         kwargs.update(llm_kwargs)
         start = time.perf_counter()
         self.llm = LLM(**kwargs)
         self.init_seconds = time.perf_counter() - start
-        self._worker = _driver_worker(self.llm)
+        self._worker = vllm_compat.driver_worker(self.llm)
         self._asleep = False
+        # True: standby as first written (a collection and a cache emptying on each sleep and wake, vLLM's own
+        # wake_up, a prefix-cache reset on every sync); benchmarks/rl_step.py times it against the current path
+        self._legacy_standby = False
         self._slots: list[_SlotCopy] = []
         self._policy: Any = None
         self.lora_request: Any = None
@@ -133,37 +137,37 @@ class VLLMEngine(RolloutEngine):
     @property
     def vllm_model(self) -> torch.nn.Module:
         """vLLM's live model (LoRA-wrapped layers included)."""
-        return self.llm.apply_model(lambda model: model)[0]
+        return vllm_compat.live_model(self.llm)
 
     @property
     def kv_cache_tokens(self) -> int | None:
         """How many tokens of KV cache vLLM allocated (num_gpu_blocks × block_size)."""
-        for config in (getattr(self.llm.llm_engine, "vllm_config", None),
-                       getattr(self._worker, "vllm_config", None)):
-            cache = getattr(config, "cache_config", None)
-            if cache is not None and cache.num_gpu_blocks:
-                return int(cache.num_gpu_blocks) * int(cache.block_size)
-        return None
+        return vllm_compat.kv_cache_tokens(self.llm, self._worker)
 
     def hf_config(self):
         """The transformers config of the served checkpoint."""
-        return self.llm.llm_engine.model_config.hf_config
+        return vllm_compat.hf_config(self.llm)
 
     def build_shared_model(self) -> torch.nn.Module:
         """A transformers causal LM whose every frozen weight is a view of vLLM's tensors (no copy)."""
-        from rlcore.shared_weights import DEFAULT_PACKED_MODULES, build_shared_model
+        from rlcore.shared_weights import build_shared_model
 
         source = self.vllm_model
-        packed = getattr(source, "packed_modules_mapping", None) or DEFAULT_PACKED_MODULES
         model = build_shared_model(source, self.hf_config(), dtype=self.model_config.torch_dtype,
-                                   packed={k: tuple(v) for k, v in packed.items()},
+                                   packed=vllm_compat.packed_modules(source),
                                    attn_implementation=self.model_config.attn_implementation)
+        if self.model_config.dtype == "float16":
+            # the residual stream is what passes float16's 65,504 first: the trainer keeps it in float32
+            from rlcore.kernels.fp16_stability import keep_residual_fp32
+
+            keep_residual_fp32(model)
         self.shared_model = model
         return model
 
     # ------------------------------------------------------------------ LoRA
     def attach_policy(self, peft_model: Any) -> None:
         """Registers the policy's LoRA in vLLM and maps its A/B onto vLLM's slot tensors; syncs once."""
+        vllm_compat.import_vllm()
         from vllm.lora.request import LoRARequest
 
         adapter = getattr(peft_model, "active_adapter", "default")
@@ -179,49 +183,42 @@ class VLLMEngine(RolloutEngine):
         if unsupported:
             raise ValueError(f"LoRA on {unsupported} is not supported by VLLMEngine; target the projections")
         self.lora_request = LoRARequest(_LORA_NAME, _LORA_ID, "rlcore://in-memory")
-        _register_pinned_adapter(self._worker, self.lora_request, self.max_lora_rank)
+        vllm_compat.register_pinned_adapter(self._worker, self.lora_request, self.max_lora_rank)
         self._slots = self._map_slots(peft_model, adapter)
         self._policy = peft_model
         self.sync_weights()
 
     def _map_slots(self, peft_model: Any, adapter: str) -> list[_SlotCopy]:
         source = self.vllm_model
-        packed = dict(getattr(source, "packed_modules_mapping", None) or {})
+        packed = vllm_compat.packed_modules(source)
         peft_layers = {}
         for name, module in peft_model.named_modules():
             if hasattr(module, "lora_A") and adapter in getattr(module, "lora_A", {}):
                 # "base_model.model.model.layers.0.self_attn.q_proj" → "model.layers.0.self_attn.q_proj"
                 peft_layers[name.removeprefix("base_model.model.")] = module
-        slot = _lora_slot_index(self._worker, _LORA_ID)
+        slot = vllm_compat.lora_slot_index(self._worker, _LORA_ID)
         copies: list[_SlotCopy] = []
         used = set()
-        for name, module in source.named_modules():
-            if not hasattr(module, "lora_a_stacked"):
-                continue
-            a_slices, b_slices = module.lora_a_stacked, module.lora_b_stacked
-            if not isinstance(a_slices, (tuple, list)):
-                continue  # embedding / logits-processor wrappers (one tensor): LoRA there is rejected above
+        # embedding / logits-processor wrappers are not listed: LoRA there is rejected above
+        for name, a_slices, b_slices in vllm_compat.lora_wrapped_layers(source):
             parent, _, leaf = name.rpartition(".")
-            parts = packed.get(leaf, [leaf])
+            parts = packed.get(leaf, (leaf,))
             if len(parts) != len(a_slices):
                 raise ValueError(f"vLLM layer {name} has {len(a_slices)} LoRA slices, expected {len(parts)} "
                                  f"({parts})")
-            with torch.inference_mode():
-                for i in range(len(a_slices)):  # a stale adapter must not leak into untargeted slices
-                    a_slices[i][slot].zero_()
-                    b_slices[i][slot].zero_()
+            vllm_compat.clear_lora_slot(a_slices, b_slices, slot)
             for i, part in enumerate(parts):
                 layer = peft_layers.get(f"{parent}.{part}" if parent else part)
                 if layer is None:
                     continue
                 lora_a = layer.lora_A[adapter].weight  # [r, in]
                 lora_b = layer.lora_B[adapter].weight  # [out, r]
-                target_a = a_slices[i][slot, 0, : lora_a.shape[0], : lora_a.shape[1]]
-                target_b = b_slices[i][slot, 0, : lora_b.shape[0], : lora_b.shape[1]]
-                if lora_a.shape[1] != a_slices[i].shape[-1] or lora_b.shape[0] != b_slices[i].shape[-2]:
-                    raise ValueError(f"{parent}.{part}: PEFT A {tuple(lora_a.shape)} / B {tuple(lora_b.shape)} do "
-                                     f"not fit vLLM's slots {tuple(a_slices[i].shape)} / {tuple(b_slices[i].shape)}")
-                scale = float(layer.scaling[adapter])
+                try:
+                    target_a, target_b = vllm_compat.lora_slot_views(a_slices[i], b_slices[i], slot, lora_a.shape,
+                                                                     lora_b.shape)
+                except ValueError as error:
+                    raise ValueError(f"{parent}.{part}: {error}") from None
+                scale = vllm_compat.lora_b_slot_scale(layer.scaling[adapter])
                 copies.append(_SlotCopy(f"{parent}.{part}.lora_A", lora_a, target_a, 1.0))
                 copies.append(_SlotCopy(f"{parent}.{part}.lora_B", lora_b, target_b, scale))
                 used.add(f"{parent}.{part}" if parent else part)
@@ -232,10 +229,10 @@ class VLLMEngine(RolloutEngine):
             raise ValueError("no PEFT LoRA layer matched a vLLM LoRA layer")
         return copies
 
-    def sync_weights(self) -> dict:
-        """Copies the policy's LoRA A and B·scaling into vLLM's slots, on the GPU; returns seconds, bytes."""
+    def sync_weights(self) -> SyncStats:
+        """Copies the policy's LoRA A and B·scaling into vLLM's slots, on the GPU."""
         if not self._slots:
-            return {"seconds": 0.0, "bytes": 0}
+            return SyncStats()
         start = time.perf_counter()
         moved = 0
         # The slots may be inference tensors (vLLM allocates under inference_mode); writing them needs it too.
@@ -247,14 +244,16 @@ class VLLMEngine(RolloutEngine):
                 copy.target.copy_(value)
                 moved += copy.target.numel() * copy.target.element_size()
         torch.cuda.synchronize()
-        # KV blocks cached for earlier prompts were computed with the previous adapter.
-        self.llm.reset_prefix_cache()
-        return {"seconds": time.perf_counter() - start, "bytes": moved, "tensors": len(self._slots)}
+        # KV blocks cached for earlier prompts were computed with the previous adapter. Asleep, there are none:
+        # sleep() emptied the prefix cache and nothing was generated since (generate() wakes first).
+        if not self._asleep or self._legacy_standby:
+            self.llm.reset_prefix_cache()
+        return SyncStats(seconds=time.perf_counter() - start, bytes=moved, tensors=len(self._slots))
 
     # ------------------------------------------------------------------ generation
     def sampling_params(self, sampling: SamplingSettings, index: int = 0):
         """vLLM ``SamplingParams`` for one prompt (``index`` offsets the seed: repeated prompts must differ)."""
-        from vllm import SamplingParams
+        SamplingParams = vllm_compat.import_vllm().SamplingParams
 
         greedy = sampling.greedy
         return SamplingParams(
@@ -287,7 +286,7 @@ class VLLMEngine(RolloutEngine):
             tokens = list(completion.token_ids)
             rollouts.append(Rollout(
                 prompt_ids=list(ids), completion_ids=tokens, text="",
-                logprobs=_sampled_logprobs(completion.logprobs, tokens),
+                logprobs=vllm_compat.sampled_logprobs(completion.logprobs, tokens),
                 finish_reason="length" if completion.finish_reason == "length" else "stop"))
         if self.tokenizer is not None:
             texts = self.tokenizer.batch_decode([r.completion_ids for r in rollouts], skip_special_tokens=True)
@@ -296,33 +295,77 @@ class VLLMEngine(RolloutEngine):
         return rollouts
 
     # ------------------------------------------------------------------ standby
-    def sleep(self) -> dict:
-        """Releases vLLM's KV cache (weights stay); returns ``sleep_seconds`` and ``freed_gib``."""
+    def sleep(self) -> StandbyStats:
+        """Releases vLLM's KV cache (weights stay): reset the prefix cache, wait for the device, unmap."""
         if not self.standby or self._asleep:
-            return {"sleep_seconds": 0.0, "freed_bytes": 0, "freed_gib": 0.0}
+            return StandbyStats()
         start = time.perf_counter()
-        # Prefix-cache entries would point at KV blocks whose memory is about to be discarded.
+        # Prefix-cache entries would point at KV blocks whose memory is about to be discarded (required: without
+        # the reset the next generation reads garbage where it expects cached prefixes).
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache (requests still running); not releasing KV")
-        torch.cuda.synchronize()
+        reset_seconds = time.perf_counter() - start
+        torch.cuda.synchronize()  # no kernel may still read the KV cache when it is unmapped
         free_before = torch.cuda.mem_get_info()[0]
-        released = _release_kv_cache()
+        unmap_start = time.perf_counter()
+        released = vllm_compat.release_kv_cache()
+        unmap_seconds = time.perf_counter() - unmap_start
+        empty_seconds = 0.0
+        if self._legacy_standby:
+            empty_start = time.perf_counter()
+            gc.collect()
+            torch.cuda.empty_cache()
+            empty_seconds = time.perf_counter() - empty_start
         free_after = torch.cuda.mem_get_info()[0]
         self._asleep = True
-        return {"sleep_seconds": time.perf_counter() - start, "freed_bytes": released, "freed_gib": released / GIB,
-                "freed_device_gib": (free_after - free_before) / GIB}
+        return StandbyStats(seconds=time.perf_counter() - start, freed_bytes=released,
+                            device_freed_bytes=free_after - free_before, reset_prefix_cache_seconds=reset_seconds,
+                            unmap_seconds=unmap_seconds, empty_cache_seconds=empty_seconds)
 
-    def wake(self) -> dict:
-        """Re-maps the KV cache released by :meth:`sleep`; returns ``wake_seconds``."""
+    def wake(self) -> StandbyStats:
+        """Maps the KV cache released by :meth:`sleep` back.
+
+        PyTorch's cached blocks (the trainer's freed activations) are handed back to the device only when the
+        free memory does not hold the KV cache; kept, the next training step reuses them without asking the
+        driver again. Should the mapping still run out of memory, a garbage collection (tensors held by
+        reference cycles) and a second emptying precede one retry.
+        """
         if not self.standby or not self._asleep:
-            return {"wake_seconds": 0.0}
+            return StandbyStats()
         start = time.perf_counter()
-        # The trainer's freed activations sit in PyTorch's cache; hand them back so the KV cache can be mapped.
-        gc.collect()
-        torch.cuda.empty_cache()
-        _wake_kv_cache(self._worker)
+        if self._legacy_standby:
+            gc.collect()
+            torch.cuda.empty_cache()
+            empty_seconds = time.perf_counter() - start
+            vllm_compat.wake_kv_cache(self._worker)
+            self._asleep = False
+            return StandbyStats(seconds=time.perf_counter() - start, empty_cache_seconds=empty_seconds,
+                                map_seconds=time.perf_counter() - start - empty_seconds)
+        empty_seconds = 0.0
+        if torch.cuda.mem_get_info()[0] < vllm_compat.released_kv_cache_bytes() + _WAKE_MARGIN_BYTES:
+            torch.cuda.empty_cache()
+            empty_seconds = time.perf_counter() - start
+        map_start, retry_seconds = time.perf_counter(), 0.0
+        try:
+            vllm_compat.map_kv_cache(self._worker)
+        except RuntimeError as error:
+            retry_start = time.perf_counter()
+            gc.collect()
+            torch.cuda.empty_cache()
+            retry_seconds = time.perf_counter() - retry_start
+            try:
+                vllm_compat.map_kv_cache(self._worker)  # maps what the first attempt did not
+            except RuntimeError:
+                free = torch.cuda.mem_get_info()[0]
+                raise RuntimeError(
+                    f"could not map vLLM's KV cache back ({vllm_compat.released_kv_cache_bytes() / 2**30:.2f} GiB "
+                    f"still released, {free / 2**30:.2f} GiB free on the device): tensors made during training are "
+                    "still alive. Lower gpu_memory_utilization, or free what your code keeps between steps."
+                ) from error
+        map_seconds = time.perf_counter() - map_start - retry_seconds
         self._asleep = False
-        return {"wake_seconds": time.perf_counter() - start}
+        return StandbyStats(seconds=time.perf_counter() - start, empty_cache_seconds=empty_seconds + retry_seconds,
+                            map_seconds=map_seconds)
 
     @property
     def asleep(self) -> bool:
@@ -336,79 +379,3 @@ class VLLMEngine(RolloutEngine):
         self._worker = None
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def _sampled_logprobs(logprobs: Any, tokens: list[int]) -> list[float]:
-    """The sampled token's logprob at each position (vLLM always includes it, whatever its rank)."""
-    if logprobs is None:
-        raise RuntimeError("vLLM returned no logprobs (SamplingParams.logprobs=0 was expected)")
-    flat = getattr(logprobs, "start_indices", None)
-    out = []
-    if flat is not None:
-        for position, token in enumerate(tokens):
-            begin, end = logprobs.start_indices[position], logprobs.end_indices[position]
-            ids = logprobs.token_ids[begin:end]
-            out.append(float(logprobs.logprobs[begin + ids.index(token)]))
-        return out
-    return [float(step[token].logprob) for step, token in zip(logprobs, tokens)]
-
-
-# ---------------------------------------------------------------------- vLLM internals (0.26.0)
-# No public vLLM API releases the KV cache alone (LLM.sleep(level=1) also copies the weights to CPU, level 2
-# discards them, and the trainer is reading them), or registers an adapter from memory. These helpers touch the
-# in-process worker, the CuMemAllocator's handles and the worker's LoRA manager directly.
-
-def _driver_worker(llm: Any) -> Any:
-    """The in-process GPU worker (``collective_rpc`` with a callable runs it on the worker wrapper)."""
-    wrapper = llm.collective_rpc(lambda self: self)[0]
-    return getattr(wrapper, "worker", wrapper)
-
-
-def _release_kv_cache() -> int:
-    """Unmaps every live "kv_cache" allocation of the CuMemAllocator; returns the bytes released."""
-    from vllm.device_allocator.cumem import CuMemAllocator, unmap_and_release
-
-    allocator = CuMemAllocator.get_instance()
-    released = 0
-    for data in allocator.pointer_to_data.values():
-        if data.tag == "kv_cache" and not data.is_asleep:
-            unmap_and_release(data.handle)
-            data.is_asleep = True
-            released += data.handle[1]
-    if not released:
-        raise RuntimeError("no KV-cache allocation found in vLLM's CuMemAllocator (was enable_sleep_mode set?)")
-    gc.collect()
-    torch.cuda.empty_cache()
-    return released
-
-
-def _wake_kv_cache(worker: Any) -> None:
-    from vllm.device_allocator.cumem import CuMemAllocator
-
-    CuMemAllocator.get_instance().wake_up(tags=["kv_cache"])
-    # FP8 KV caches need their scales reset after a wake-up; a no-op for 16-bit caches.
-    worker.model_runner.post_kv_cache_wake_up()
-
-
-def _lora_manager(worker: Any) -> Any:
-    manager = getattr(worker.model_runner, "lora_manager", None)
-    if manager is None:
-        raise RuntimeError("vLLM was started without enable_lora")
-    return manager
-
-
-def _register_pinned_adapter(worker: Any, request: Any, rank: int) -> None:
-    """Adds a zero LoRA of ``rank`` under ``request``'s id from memory and pins it in a GPU slot.
-
-    A request carrying this id then finds the adapter loaded and never reads ``lora_path``; pinning keeps it
-    from being evicted, which would reload the zero weights over the synced ones.
-    """
-    manager = _lora_manager(worker)
-    if request.lora_int_id not in manager.list_adapters():
-        manager.add_dummy_lora(request, rank=rank)
-    manager.pin_adapter(request.lora_int_id)
-
-
-def _lora_slot_index(worker: Any, lora_id: int) -> int:
-    adapter_manager = _lora_manager(worker)._adapter_manager
-    return list(adapter_manager.lora_index_to_id).index(lora_id)

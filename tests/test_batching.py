@@ -1,5 +1,7 @@
 """Batch semantics: the four worked examples of the GRPO batching documentation (num_generations = 3)."""
 
+import math
+
 import pytest
 
 from rlcore.batching import BatchSchedule, PromptSampler
@@ -121,3 +123,45 @@ def test_total_optimizer_steps():
     assert schedule.total_optimizer_steps(100, max_steps=-1, num_train_epochs=2) == 50
     with pytest.raises(ValueError, match="fewer than one generation"):
         schedule.total_optimizer_steps(3, max_steps=-1, num_train_epochs=1)
+
+
+# ---------------------------------------------------------------------------------------------- several processes
+@pytest.mark.parametrize("batch, group, steps", [(4, 4, 2), (8, 4, 3), (2, 4, 2), (2, 4, 4), (6, 4, 2), (3, 3, 2)])
+def test_rank_shares_are_whole_groups_and_cover_the_generation(batch, group, steps, monkeypatch):
+    world = 2
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    config = GRPOConfig(num_generations=group, per_device_train_batch_size=batch, gradient_accumulation_steps=steps)
+    schedule = BatchSchedule(config)
+    shares = [schedule.rank_completions(rank) for rank in range(world)]
+    assert sorted(i for share in shares for i in share) == list(range(config.generation_batch_size))  # each once
+    for rank, share in enumerate(shares):
+        assert len(share) == steps * batch
+        assert share == [g * group + i for g in schedule.rank_groups(rank) for i in range(group)]  # whole groups
+    # micro-step k of a rank reads its own rows [k·b, (k+1)·b), not the global ones
+    assert [m.sample_indices for m in plan(config, steps)] == [tuple(range(k * batch, (k + 1) * batch))
+                                                               for k in range(steps)]
+    if batch % group == 0:
+        # micro-step k of the ranks together = micro-step k of one process with batch 2·b
+        for k in range(steps):
+            together = sorted(i for share in shares for i in share[k * batch:(k + 1) * batch])
+            assert together == list(range(k * world * batch, (k + 1) * world * batch))
+    else:
+        # each rank takes whole blocks of c = G / gcd(b, G) single-process micro-steps' worth of completions
+        block = group // math.gcd(batch, group) * batch
+        assert shares[0][:block] == list(range(block)) and shares[1][:block] == list(range(block, 2 * block))
+
+
+def test_one_process_takes_every_group_and_the_sampler_keeps_a_rank_share(monkeypatch):
+    config = GRPOConfig(num_generations=3, per_device_train_batch_size=3, gradient_accumulation_steps=2)
+    assert BatchSchedule(config).rank_groups(0) == [0, 1]
+    with pytest.raises(ValueError, match="rank=1"):
+        BatchSchedule(config).rank_groups(1)
+    whole = PromptSampler(dataset_size=10, prompts_per_generation=4, num_generations=2, seed=0)
+    shares = [PromptSampler(dataset_size=10, prompts_per_generation=4, num_generations=2, seed=0, rank_groups=groups)
+              for groups in ([0, 2], [1, 3])]
+    for generation in range(5):  # across epochs too
+        rows = whole.prompt_indices(generation)
+        assert shares[0].completion_rows(generation) == [rows[0], rows[0], rows[2], rows[2]]
+        assert shares[1].completion_rows(generation) == [rows[1], rows[1], rows[3], rows[3]]
+    with pytest.raises(ValueError, match="rank_groups"):
+        PromptSampler(dataset_size=10, prompts_per_generation=4, num_generations=2, seed=0, rank_groups=[4])

@@ -139,10 +139,30 @@ def test_sandboxed_strategy_is_deterministic_and_wins_small_games():
     with create_locked_down_function(code, limits=FAST) as strategy:
         for _ in range(2):
             game = GameBoard(size=4, seed=3, target=128)
-            results.append((execute_strategy(strategy, game), game.board(), game.score))
+            results.append((execute_strategy(strategy, game, max_steps=2000), game.board(), game.score))
     assert results[0] == results[1]
     (steps, state), _, _ = results[0]
+    # the budget is CPU time, not wall clock: a cheap strategy reaches the step limit however loaded the host
     assert state in ("success", "failed", "max_steps") and steps > 20
+
+
+def test_time_limit_counts_cpu_time_not_wall_clock():
+    import time
+
+    def waits(board):  # 5 ms of wall clock per move, almost no CPU: a loaded host looks like this
+        time.sleep(0.005)
+        return "WASD"[sum(map(sum, board)) % 4]
+
+    def spins(board):  # ~5 ms of CPU per move
+        end = time.thread_time() + 0.005
+        while time.thread_time() < end:
+            pass
+        return "WASD"[sum(map(sum, board)) % 4]
+
+    # 40 moves take 0.2 s of wall clock, over the 0.05 s limit, yet the game is not cut short
+    assert execute_strategy(waits, GameBoard(seed=0, target=2048), max_steps=40, time_limit=0.05) == (40, "max_steps")
+    steps, state = execute_strategy(spins, GameBoard(seed=0, target=2048), max_steps=40, time_limit=0.05)
+    assert state == "timeout" and 5 <= steps <= 12
 
 
 def test_sandboxed_game_states():

@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlcore.hf_engine import HFEngine
-from rlcore.rollout import SamplingSettings
-from rlcore.testing import build_tiny_model, special_token_id
+from rlcore.rollout import SamplingSettings, SyncStats
+from rlcore.tiny_model import build_tiny_model, special_token_id
 
 TOL = 1e-4  # float32, KV-cached incremental decoding vs one full forward pass
 
@@ -253,4 +253,4 @@ def test_bad_input_is_refused(engine, prompts):
     with pytest.raises(ValueError, match="max_tokens"):
         engine.generate(prompts, SamplingSettings(max_tokens=0))
     assert engine.generate([], SamplingSettings(max_tokens=4)) == []
-    assert engine.sync_weights() == {"seconds": 0.0}
+    assert engine.sync_weights() == SyncStats()

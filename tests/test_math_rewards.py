@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlcore.data import bundled_gsm8k_path
+from rlcore.dataset_rows import bundled_gsm8k_path
 from rlcore.rewards.base import RewardError
 from rlcore.rewards.math import (CorrectAnswer, FormatReward, answers_match, extract_final_answer,
                                  extract_reference_answer, final_answer_line, parse_number)
@@ -134,3 +134,28 @@ def test_bundled_sample_solutions_score_as_correct_and_well_formed():
                                {"answer": answers + answers})
     assert scores.values[:200].tolist() == [[1.0, 1.0]] * 200
     assert scores.values[200:, 0].tolist() == [0.0] * 200
+
+
+HUGE = "9" * 5000  # over CPython's 4,300-digit int/str conversion limit
+
+
+@pytest.mark.parametrize("completion, answer", [
+    (f"#### {HUGE}", "7"),                      # in the completion's answer line
+    (f"so it is {HUGE}", "7"),                  # as the completion's last number
+    (f"\\boxed{{{HUGE}.5}}", "7"),               # with decimals
+    (f"#### 1/{HUGE}", "7"),                    # as a denominator
+    ("#### 7", f"#### {HUGE}"),                 # in the reference solution
+    ("#### 7", 10 ** 5000 - 1),                 # a huge int reference
+    (f"#### {HUGE}", f"#### {HUGE}"),           # both: unreadable is not right
+], ids=["answer-line", "last-number", "decimals", "denominator", "reference", "int-reference", "both"])
+def test_numbers_over_the_digit_limit_score_wrong_without_raising(completion, answer):
+    scores = score_completions([CorrectAnswer(), FormatReward()], [None], [completion], {"answer": [answer]})
+    assert scores.values.tolist() == [[0.0, 0.0 if HUGE in completion else 1.0]]
+
+
+def test_long_but_readable_numbers_still_count():
+    long = "1" + "0" * 3000
+    assert CorrectAnswer()([None, None], [f"#### {long}", "#### 1"], answer=[f"#### {long}", "#### 1"]) == [1.0, 1.0]
+    # 1/2^13000 has 13,000 decimals: kept as p/q, compared exactly, no O(n^2) loop
+    assert extract_final_answer("#### 1/" + str(2 ** 13000)) == "1/" + str(2 ** 13000)
+    assert extract_final_answer("#### 0.375") == "0.375"

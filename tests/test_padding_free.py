@@ -20,7 +20,7 @@ COMPLETION_LENGTHS = [25, 3, 11, 0]
 def lora_policy(device: str = "cpu", dtype: torch.dtype = torch.float32, checkpointing: bool = False):
     """The tiny Llama-3 model with LoRA on every projection; B nonzero so the adapters change the outputs."""
     from rlcore.model import add_lora, enable_gradient_checkpointing
-    from rlcore.testing import build_tiny_model
+    from rlcore.tiny_model import build_tiny_model
 
     base = transformers.AutoModelForCausalLM.from_pretrained(build_tiny_model(), dtype=dtype,
                                                              attn_implementation="sdpa").to(device)
@@ -206,7 +206,7 @@ def ragged_engine(model, tokenizer):
 
 def run_trainer(tmp_path, name: str, **overrides) -> list[dict]:
     from rlcore.model import add_lora, load_tokenizer
-    from rlcore.testing import build_tiny_model
+    from rlcore.tiny_model import build_tiny_model
     from rlcore.trainer import GRPOTrainer
 
     values = dict(output_dir=str(tmp_path / name), num_generations=4, per_device_train_batch_size=4,

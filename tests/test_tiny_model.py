@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rlcore.testing import build_tiny_model, special_token_id, tiny_config_dict
+from rlcore.tiny_model import build_tiny_model, special_token_id, tiny_config_dict
 
 BOS, EOT, END = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 # A real GSM8K solution (train.jsonl line 2): digits, "$", calculator annotations, newlines.
@@ -107,7 +107,7 @@ def test_generation_config_stops_on_eot_like_llama3_instruct(path):
 def test_build_is_reproducible_across_processes(path, tmp_path):
     # A fresh interpreter (other hash seed, tokenizers threads on) must write the same bytes as this one did.
     target = str(tmp_path / "tiny")
-    code = f"from rlcore.testing import build_tiny_model; print(build_tiny_model({target!r}))"
+    code = f"from rlcore.tiny_model import build_tiny_model; print(build_tiny_model({target!r}))"
     env = {**os.environ, "PYTHONHASHSEED": "123", "TOKENIZERS_PARALLELISM": "true"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -130,17 +130,17 @@ def test_seed_changes_weights_not_tokenizer(path, tmp_path):
 def test_losing_a_build_race_returns_the_winners_copy(tmp_path, monkeypatch):
     import shutil
 
-    import rlcore.testing as testing
+    import rlcore.tiny_model as tiny_model
 
     target = tmp_path / "tiny"
-    original = testing._write_model_dir
+    original = tiny_model._write_model_dir
 
     def write_then_lose(directory: str, seed: int) -> None:
         original(directory, seed)
         shutil.copytree(directory, target)  # another process renames its complete copy into place first
         (target / "winner").write_text("1")
 
-    monkeypatch.setattr(testing, "_write_model_dir", write_then_lose)
+    monkeypatch.setattr(tiny_model, "_write_model_dir", write_then_lose)
     assert build_tiny_model(str(target)) == str(target)
     assert (target / "winner").exists()  # the winner's directory was kept, not replaced
     assert sorted(os.listdir(tmp_path)) == ["tiny"]  # the loser's staging copy was removed

@@ -203,7 +203,7 @@ def test_synced_lora_logprobs_match_hf_model(stack):
     engine, peft_model, _ = stack
     _randomize_lora_b(peft_model, seed=3)
     sync = engine.sync_weights()
-    assert sync["seconds"] < 1.0 and sync["tensors"] == 2 * 7 * 2
+    assert sync.seconds < 1.0 and sync.tensors == 2 * 7 * 2
     prompts = _prompts(4)
     rollouts = engine.generate(prompts, SamplingSettings(max_tokens=16, greedy=True))
     diffs, base_diffs = [], []
@@ -291,7 +291,7 @@ def test_sync_changes_generation_in_place(stack):
     again = [r.completion_ids for r in engine.generate(prompts, greedy)]  # prefix-cache hits, same weights
     assert again == before
     _randomize_lora_b(peft_model, seed=21, std=0.2)
-    times = [engine.sync_weights()["seconds"] for _ in range(5)]
+    times = [engine.sync_weights().seconds for _ in range(5)]
     after = [r.completion_ids for r in engine.generate(prompts, greedy)]
     print(f"\nsync seconds (5 runs): {[round(t, 5) for t in times]}")
     assert after != before
@@ -309,17 +309,16 @@ def test_standby_cycle_frees_kv_and_keeps_greedy_output(stack):
     free_before = torch.cuda.mem_get_info()[0]
     slept = engine.sleep()
     free_asleep = torch.cuda.mem_get_info()[0]
-    assert engine.asleep and slept["freed_gib"] > 0.1
-    assert free_asleep - free_before > 0.9 * slept["freed_gib"] * 2**30
+    assert engine.asleep and slept.freed_gib > 0.1
+    assert free_asleep - free_before > 0.9 * slept.freed_bytes
     # the trainer can use the freed memory meanwhile
-    block = torch.empty(int(0.8 * slept["freed_gib"] * 2**30), dtype=torch.uint8, device="cuda")
+    block = torch.empty(int(0.8 * slept.freed_bytes), dtype=torch.uint8, device="cuda")
     block.fill_(7)
     del block
     woke = engine.wake()
-    assert not engine.asleep and woke["wake_seconds"] < 5.0
+    assert not engine.asleep and woke.seconds < 5.0
     after = [r.completion_ids for r in engine.generate(prompts, greedy)]
-    print(f"\nstandby: freed {slept['freed_gib']:.2f} GiB in {slept['sleep_seconds']:.3f} s, "
-          f"woke in {woke['wake_seconds']:.3f} s")
+    print(f"\nstandby: freed {slept.freed_gib:.2f} GiB in {slept.seconds:.3f} s, woke in {woke.seconds:.3f} s")
     assert after == before
     # generate() wakes a sleeping engine by itself
     engine.sleep()

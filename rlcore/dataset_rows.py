@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -18,27 +19,23 @@ class DatasetError(ValueError):
 
 
 def load_rows(source: Any, name: str = "train_dataset") -> list[dict[str, Any]]:
-    """Rows as a list of dicts from a list of dicts, a ``datasets.Dataset``, or a ``.jsonl``/``.json`` path."""
+    """Rows as a list of dicts from a list of dicts, a ``datasets.Dataset``, or a ``.jsonl``/``.json`` path.
+
+    Files must be UTF-8 (a leading byte-order mark is allowed); a byte sequence that is not, or a line that is
+    not JSON, is reported with the file and line.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise DatasetError(f"{name}: no such file {path!r}")
-        with open(path, encoding="utf-8") as handle:
-            if path.endswith(".jsonl"):
-                rows = []
-                for number, line in enumerate(handle, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise DatasetError(f"{name}: {path} line {number} is not valid JSON: {error}") from None
-            else:
-                rows = json.load(handle)
-        source = rows
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if data.startswith(codecs.BOM_UTF8):
+            data = data[len(codecs.BOM_UTF8):]
+        source = _read_jsonl(data, path, name) if path.endswith(".jsonl") else _read_json(data, path, name)
     if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
         source = source.to_list()
-    if isinstance(source, Mapping) or not isinstance(source, Iterable):
+    if isinstance(source, Mapping) or not isinstance(source, Iterable) or isinstance(source, (str, bytes)):
         raise DatasetError(f"{name}: expected a list of dict rows, a datasets.Dataset or a .jsonl path, got "
                            f"{type(source).__name__}")
     rows = list(source)
@@ -46,6 +43,59 @@ def load_rows(source: Any, name: str = "train_dataset") -> list[dict[str, Any]]:
         if not isinstance(row, Mapping):
             raise DatasetError(f"{name}: row {index} is a {type(row).__name__}, expected a dict")
     return [dict(row) for row in rows]
+
+
+def _read_jsonl(data: bytes, path: str, name: str) -> list[Any]:
+    rows = []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        text = _decode(line, path, number, name)
+        if not text.strip():
+            continue
+        try:
+            rows.append(json.loads(text))
+        except json.JSONDecodeError as error:
+            raise DatasetError(f"{name}: {path} line {number} is not valid JSON: {error}") from None
+    return rows
+
+
+def _read_json(data: bytes, path: str, name: str) -> Any:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        _decode(data.split(b"\n")[line - 1], path, line, name)  # raises, with the column
+        raise  # pragma: no cover - _decode always raises here
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{name}: {path} is not valid JSON: {error}") from None
+
+
+def _decode(line: bytes, path: str, number: int, name: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{name}: {path} line {number} is not UTF-8 text (byte {line[error.start]:#04x} at "
+                           f"column {error.start + 1}); re-encode the file as UTF-8") from None
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Raises DatasetError if a string anywhere in ``value`` cannot be encoded (a lone surrogate such as
+    "\\ud800", which JSON's ``\\ud800`` escape produces): the tokenizer would fail on it mid-training, and again
+    at the same step after every resume. Rejected rather than repaired, so the data means what it says."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DatasetError(f"{where} holds text that is not valid Unicode: {value[error.start]!r} (a lone "
+                               f"surrogate) at character {error.start}; fix or drop this row") from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text(key, f"{where} (key {key!r:.40})")
+            _check_text(item, f"{where}[{key!r:.40}]")
+    elif isinstance(value, (list, tuple)):
+        for position, item in enumerate(value):
+            _check_text(item, f"{where}[{position}]")
 
 
 def is_conversational(prompt: Any) -> bool:
@@ -59,6 +109,8 @@ def validate_rows(rows: list[dict[str, Any]], required_columns: Mapping[str, Any
         raise DatasetError(f"{name} is empty")
     required_columns = dict(required_columns or {})
     for index, row in enumerate(rows):
+        for column, value in row.items():
+            _check_text(value, f"{name} row {index}: field {column!r}")
         if "prompt" not in row:
             raise DatasetError(f"{name} row {index}: missing field 'prompt' (fields: {sorted(row)})")
         prompt = row["prompt"]

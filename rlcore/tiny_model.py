@@ -1,4 +1,5 @@
-"""A tiny random Llama-3-architecture model with a locally trained Llama-3-style tokenizer, for CPU tests.
+"""The ``model="tiny"`` preset: a tiny random Llama-3-architecture model with a locally trained Llama-3-style
+tokenizer (CPU runs, tests, examples), and a Llama-3-8B-shaped config directory for vLLM's dummy weights.
 
 No weights can be downloaded in CI, yet the whole pipeline (chat template, special tokens, ``eos`` handling,
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` loading, PEFT, generation) must run against the real code paths.
@@ -6,7 +7,7 @@ No weights can be downloaded in CI, yet the whole pipeline (chat template, speci
 Meta-Llama-3-8B-Instruct only in size and in having random weights and a small tokenizer::
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from rlcore.testing import build_tiny_model
+    from rlcore.tiny_model import build_tiny_model
 
     path = build_tiny_model()                      # cached: built once per machine, ~1-2 s
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -153,16 +154,7 @@ def _write_model_dir(directory: str, seed: int) -> None:
         tokenizer_object=raw_tokenizer, bos_token=BEGIN_OF_TEXT, eos_token=EOT,
         model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False,
         model_max_length=MAX_POSITION_EMBEDDINGS, chat_template=LLAMA3_CHAT_TEMPLATE)
-    tokenizer.save_pretrained(directory)
-    # save_pretrained writes the class it was given; AutoTokenizer must load this byte-level tokenizer as is
-    # (a model-specific class could rebuild the pipeline from the vocabulary), so name the generic class.
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    with open(config_path, encoding="utf-8") as handle:
-        tokenizer_config = json.load(handle)
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    with open(config_path, "w", encoding="utf-8") as handle:
-        json.dump(tokenizer_config, handle, indent=2, sort_keys=True, ensure_ascii=False)
-        handle.write("\n")
+    save_byte_level_tokenizer(tokenizer, directory)
     special_map = os.path.join(directory, "special_tokens_map.json")
     if not os.path.exists(special_map):  # recent transformers folds it into tokenizer_config.json
         with open(special_map, "w", encoding="utf-8") as handle:
@@ -192,6 +184,20 @@ def _write_model_dir(directory: str, seed: int) -> None:
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()
+
+
+def save_byte_level_tokenizer(tokenizer, directory: str) -> None:
+    """``tokenizer.save_pretrained(directory)``, recorded as the generic fast tokenizer class."""
+    tokenizer.save_pretrained(directory)
+    # save_pretrained writes the class it was given; AutoTokenizer must load this byte-level tokenizer as is
+    # (a model-specific class could rebuild the pipeline from the vocabulary), so name the generic class.
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        tokenizer_config = json.load(handle)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(tokenizer_config, handle, indent=2, sort_keys=True, ensure_ascii=False)
+        handle.write("\n")
 
 
 def train_tiny_tokenizer():

@@ -1,0 +1,87 @@
+"""Where a model comes from (the tiny preset, a local directory, the Hugging Face cache, or the Hub), decided
+without importing torch or transformers, so that a wrong name or a missing network fails at once."""
+
+from __future__ import annotations
+
+import os
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer could not be loaded; the message says how to point at a local copy."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``"tiny"`` → the tiny random Llama-3 preset (built on first use); a local directory or a Hub id unchanged.
+
+    A name that can only be a file-system path (absolute, ``./``, ``~``, or more than one ``/``) and is not a
+    directory raises :class:`ModelLoadError` saying so, instead of being tried as a Hub id.
+    """
+    if name_or_path == "tiny":
+        from rlcore.tiny_model import build_tiny_model
+
+        return build_tiny_model()
+    if looks_like_local_path(name_or_path) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ModelLoadError(f"model_name_or_path={name_or_path!r}: no such directory (expected a local model "
+                             "directory with config.json, weights and tokenizer files, a Hub id such as "
+                             "meta-llama/Meta-Llama-3-8B-Instruct, or 'tiny')")
+    return os.path.expanduser(name_or_path)
+
+
+def model_source(name_or_path: str) -> str:
+    """Where the model comes from, without loading anything: ``"tiny"``, ``"local"`` (a directory), ``"cached"``
+    (a Hub id already in the Hugging Face cache) or ``"hub"`` (needs a download). Raises
+    :class:`ModelLoadError` for a path that is not a directory."""
+    if name_or_path == "tiny":
+        return "tiny"
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        return "local"
+    resolve_model_path(name_or_path)  # raises "no such directory" for what can only be a path
+    return "cached" if in_hub_cache(name_or_path) else "hub"
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether a snapshot of Hub model ``repo_id`` with a config.json is in the Hugging Face cache (the
+    documented ``$HF_HUB_CACHE`` / ``$HF_HOME/hub`` layout; huggingface_hub is not imported)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    snapshots = os.path.join(cache, "models--" + repo_id.replace("/", "--"), "snapshots")
+    return os.path.isdir(snapshots) and any(os.path.isfile(os.path.join(snapshots, name, "config.json"))
+                                            for name in os.listdir(snapshots))
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face Hub answers within ``timeout`` seconds, else why not (one line).
+
+    ``HF_HUB_OFFLINE`` set counts as unreachable. The probe is one HEAD request to ``$HF_ENDPOINT`` (proxies
+    from the environment apply), in a thread so that a hanging name lookup can not hold the caller longer.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    import threading
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # it answered
+        except Exception as error:  # noqa: BLE001 - any failure to connect means "not reachable"
+            reason = getattr(error, "reason", error)
+            outcome.append(f"{endpoint}: {reason}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"{endpoint}: no answer within {timeout:g} s"
+
+
+def looks_like_local_path(name_or_path: str) -> bool:
+    """True for names a Hub id can not be (``org/name`` has one ``/`` and no leading ``/``, ``.`` or ``~``)."""
+    return (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+            or os.path.isdir(name_or_path))
