@@ -23,15 +23,22 @@ def _minor(version: str) -> tuple[int, int]:
     return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
 
 
-def check_version(version: str = torch.__version__) -> bool:
-    """True when ``version`` is in :data:`TESTED_RANGE`; warns (``RuntimeWarning``) otherwise."""
-    low, high = TESTED_RANGE
+def in_tested_range(package: str, version: str, tested_range: tuple[tuple[int, int], tuple[int, int]],
+                    compat_module: str) -> bool:
+    """True when ``version``'s (major, minor) is in ``tested_range``; otherwise warns (``RuntimeWarning``),
+    naming ``compat_module`` as the place to look first, and returns False."""
+    low, high = tested_range
     if low <= _minor(version) <= high:
         return True
-    warnings.warn(f"torch {version} is outside the range rlcore was tested with ({low[0]}.{low[1]} – "
-                  f"{high[0]}.{high[1]}); if something breaks, look first at rlcore/kernels/torch_compat.py",
-                  RuntimeWarning, stacklevel=2)
+    warnings.warn(f"{package} {version} is outside the range rlcore was tested with ({low[0]}.{low[1]} – "
+                  f"{high[0]}.{high[1]}); if something breaks, look first at {compat_module}",
+                  RuntimeWarning, stacklevel=3)
     return False
+
+
+def check_version(version: str = torch.__version__) -> bool:
+    """True when ``version`` is in :data:`TESTED_RANGE`; warns (``RuntimeWarning``) otherwise."""
+    return in_tested_range("torch", version, TESTED_RANGE, "rlcore/kernels/torch_compat.py")
 
 
 check_version()

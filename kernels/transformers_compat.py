@@ -21,14 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .torch_compat import in_tested_range
+
 TESTED_RANGE = ((5, 17), (5, 24))  # inclusive (major, minor)
 # transformers 5.2x renames ``is_gradient_checkpointing`` and warns when it is read (peft 0.21 reads it)
 RENAMED_CHECKPOINTING_WARNING = ".*is_gradient_checkpointing.*"
-
-
-def _minor(version: str) -> tuple[int, int]:
-    parts = version.split("+")[0].split(".")
-    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
 
 
 def check_version(version: str | None = None) -> bool:
@@ -38,13 +35,7 @@ def check_version(version: str | None = None) -> bool:
             version = metadata.version("transformers")
         except metadata.PackageNotFoundError:
             return False
-    low, high = TESTED_RANGE
-    if low <= _minor(version) <= high:
-        return True
-    warnings.warn(f"transformers {version} is outside the range rlcore was tested with ({low[0]}.{low[1]} – "
-                  f"{high[0]}.{high[1]}); if something breaks, look first at rlcore/kernels/transformers_compat.py",
-                  RuntimeWarning, stacklevel=2)
-    return False
+    return in_tested_range("transformers", version, TESTED_RANGE, "rlcore/kernels/transformers_compat.py")
 
 
 check_version()

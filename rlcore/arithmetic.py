@@ -35,8 +35,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -569,23 +567,8 @@ def build_arithmetic_model(path: str | None = None, settings: BuildSettings | No
     """
     settings = settings or SMALL_BUILD
     path = os.path.abspath(path or default_model_dir(settings))
-    if os.path.isfile(os.path.join(path, "arithmetic_build.json")):
-        return path
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
-        _write_model(staging, settings, device, log, evaluate)
-        if os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
-        try:
-            os.rename(staging, path)
-        except OSError:
-            if not os.path.isfile(os.path.join(path, "arithmetic_build.json")):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
+    return _llama3.build_directory_once(path, "arithmetic_build.json",
+                                        lambda staging: _write_model(staging, settings, device, log, evaluate))
 
 
 def read_build_report(path: str) -> dict[str, Any]:

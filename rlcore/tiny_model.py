@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 # Bump when anything below changes what is written: the version is part of the cache directory name.
@@ -127,18 +128,28 @@ def build_tiny_model(path: str | None = None, seed: int = 0) -> str:
         name = f"tiny-llama3-v{TINY_MODEL_VERSION}" + (f"-seed{seed}" if seed else "")
         path = os.path.join(default_cache_dir(), name)
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    return build_directory_once(path, "config.json", lambda staging: _write_model_dir(staging, seed))
+
+
+def build_directory_once(path: str, marker: str, write: Callable[[str], None]) -> str:
+    """``path``, written by ``write(staging_dir)`` and renamed into place unless ``path/marker`` already exists.
+
+    Nothing half-written is ever at ``path``: a killed build leaves only a staging directory beside it, and
+    two processes building at once both end with one complete copy."""
+    if os.path.isfile(os.path.join(path, marker)):
         return path
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
-        _write_model_dir(staging, seed)
+        write(staging)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
         try:
             os.rename(staging, path)
         except OSError:
             # Another process renamed its complete copy first (the target exists and is not empty).
-            if not os.path.isfile(os.path.join(path, "config.json")):
+            if not os.path.isfile(os.path.join(path, marker)):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

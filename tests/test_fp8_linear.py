@@ -22,6 +22,7 @@ from rlcore.kernels.fp8_linear import (FP8_DTYPE, FP8_MAX, FP8Linear, _column_ma
                                        fp8_linear_reference, fp8_matmul_emulated, quantize_fp8,
                                        quantize_fp8_reference)
 from rlcore.kernels.lora_linear import lora_linear
+from vllm_layout import NamedTensors, fused_llama_state
 
 IN_CHILD = os.environ.get("RLCORE_FP8_INTERPRETER_CHILD") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -230,38 +231,21 @@ def test_interpreter_body(scaling):
 
 
 # ---------------------------------------------------------------------- shared weights in vLLM's FP8 layout
-class _VLLMFP8Llama(nn.Module):
+class _VLLMFP8Llama(NamedTensors):
     """The parameters of vLLM 0.26's Llama after ``quantization="fp8"`` on a 16-bit checkpoint: fused
     ``qkv_proj`` / ``gate_up_proj``; every projection's ``weight`` an [in, out] ``.t()`` view of row-major
     FP8 bytes with one float32 ``weight_scale`` [1] per (fused) layer; embeddings, norms, lm_head 16-bit."""
 
     def __init__(self, reference: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
-        super().__init__()
-        state = {k: v for k, v in reference.state_dict().items() if "rotary" not in k}
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name, value in state.items():
-            if any(p in name for p in ("k_proj", "v_proj", "up_proj")):
-                continue
-            if "q_proj" in name:
-                value = torch.cat([value, state[name.replace("q_proj", "k_proj")],
-                                   state[name.replace("q_proj", "v_proj")]])
-                name = name.replace("q_proj", "qkv_proj")
-            elif "gate_proj" in name:
-                value = torch.cat([value, state[name.replace("gate_proj", "up_proj")]])
-                name = name.replace("gate_proj", "gate_up_proj")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, value in fused_llama_state(reference).items():
             if name.endswith("_proj.weight"):
                 scale = value.abs().max().float() / FP8_MAX
-                self.tensors[name] = (value.float() / scale).to(FP8_DTYPE).t()  # qweight.t()
-                self.tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(1)
+                tensors[name] = (value.float() / scale).to(FP8_DTYPE).t()  # qweight.t()
+                tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(1)
             else:
-                self.tensors[name] = value.to(dtype).clone()
-        self.attributes = {name: f"p{i}" for i, name in enumerate(self.tensors)}
-        for name, attribute in self.attributes.items():
-            self.register_parameter(attribute, nn.Parameter(self.tensors[name], requires_grad=False))
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, attribute in self.attributes.items():
-            yield name, getattr(self, attribute)
+                tensors[name] = value.to(dtype).clone()
+        super().__init__(tensors)
 
 
 def _tiny_config():

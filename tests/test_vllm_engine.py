@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rlcore.shared_weights import alias_tensor, build_shared_model, shared_fraction
+from vllm_layout import NamedTensors, fused_llama_state
 
 VOCAB = 512
 PROMPT_LEN = 12
@@ -31,31 +32,11 @@ def _tiny_llama_config(**overrides):
     return LlamaConfig(**values)
 
 
-class _FusedLlama(nn.Module):
+class _FusedLlama(NamedTensors):
     """The parameter layout of vLLM's Llama (fused qkv_proj / gate_up_proj), built from a transformers model."""
 
     def __init__(self, reference: nn.Module) -> None:
-        super().__init__()
-        state = {k: v for k, v in reference.state_dict().items() if "rotary" not in k}
-        self.tensors: dict[str, torch.Tensor] = {}
-        for name, value in state.items():
-            if any(p in name for p in ("k_proj", "v_proj", "up_proj")):
-                continue
-            if "q_proj" in name:
-                value = torch.cat([value, state[name.replace("q_proj", "k_proj")],
-                                   state[name.replace("q_proj", "v_proj")]])
-                name = name.replace("q_proj", "qkv_proj")
-            elif "gate_proj" in name:
-                value = torch.cat([value, state[name.replace("gate_proj", "up_proj")]])
-                name = name.replace("gate_proj", "gate_up_proj")
-            self.tensors[name] = value.clone()
-        for i, (name, value) in enumerate(self.tensors.items()):
-            self.register_parameter(f"p{i}", nn.Parameter(value, requires_grad=False))
-        self._names = list(self.tensors)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for i, name in enumerate(self._names):
-            yield name, getattr(self, f"p{i}")
+        super().__init__({name: value.clone() for name, value in fused_llama_state(reference).items()})
 
 
 # ---------------------------------------------------------------------- CPU
