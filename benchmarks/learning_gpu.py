@@ -1,6 +1,8 @@
 """Does GRPO learn through the shared-weight vLLM engine? One command, one GPU, a few minutes.
 
     python benchmarks/learning_gpu.py              # GPU: build the model, GRPO via vLLM, the same via HF, plot, table
+    python benchmarks/learning_gpu.py --runs vllm,vllm-float16,vllm-float8     # the same run in each dtype
+    python benchmarks/learning_gpu.py --runs vllm-graphs,trl                   # rlcore and TRL 1.16, same budget
     python benchmarks/learning_gpu.py --smoke      # CPU, tiny sizes, HF engine only: the whole script in seconds
 
 Phases, each in its own process with its own wall-clock budget (a crash or a hang in one loses only that one):
@@ -13,10 +15,16 @@ Phases, each in its own process with its own wall-clock budget (a crash or a han
 3. **the same GRPO through transformers' generate** (``engine="hf"``): the same settings and learning-rate schedule,
    stopped at the step the vLLM run reached, or earlier by the same wall-clock budget.
 
-Then one PNG with both runs' reward and held-out accuracy against step and against wall time, and a markdown table:
-accuracy before → after, steps, time split per step, the train/inference mismatch and the importance-sampling
+``--runs`` names the runs, in order: ``vllm`` / ``hf`` (rlcore's engines), a dtype suffix ``-float16`` or
+``-float8`` (weights in that precision in vLLM and, shared, in the trainer; default bfloat16), ``-graphs`` (vLLM
+with CUDA graphs instead of eager), and ``trl``: the same GRPO through TRL 1.16's GRPOTrainer with colocated vLLM
+(:mod:`learning_trl`), given as wall-clock budget the step time of the first run (evaluation left out on both
+sides). Later rlcore runs stop at the step the first one reached.
+
+Then one PNG with the runs' reward and held-out accuracy against step and against wall time, and a markdown table:
+accuracy before → after, steps, time split per step, the train/inference mismatch (against step too, in the PNG) and the importance-sampling
 weights, versions and device. Written to ``$OUT`` (or ``--out``): learning_curves.png, learning_table.md,
-results.json, metrics_vllm.jsonl, metrics_hf.jsonl, learning_log.txt. The whole run stops by ``--deadline`` seconds.
+results.json, metrics_<run>.jsonl, learning_log.txt. The whole run stops by ``--deadline`` seconds.
 ``--replot DIR`` redraws the PNG and the table from those files.
 
 vLLM must run in this process's children as the engine expects: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set by the
@@ -44,6 +52,53 @@ if ROOT not in sys.path:  # run from a checkout without installing: rlcore is th
 EXAMPLE = os.path.join(ROOT, "examples", "arithmetic_grpo.py")
 ACCURACY = "eval_rewards/correct_answer"
 STEP_TIMES = ("generate", "reward", "reference", "train", "sync", "standby")
+DTYPES = ("bfloat16", "float16", "float8")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One run of ``--runs``: ``<engine>[-<dtype>][-graphs]`` with engine ``vllm``, ``hf`` or ``trl``."""
+
+    name: str
+    engine: str
+    dtype: str = "bfloat16"
+    graphs: bool = False
+
+    @property
+    def framework(self) -> str:
+        return "trl" if self.engine == "trl" else "rlcore"
+
+    @property
+    def label(self) -> str:
+        if self.engine == "trl":
+            return "TRL 1.16 (colocated vLLM, sleep mode)"
+        engine = "vLLM (shared weights, standby" + (", CUDA graphs)" if self.graphs else ")") \
+            if self.engine == "vllm" else "transformers generate"
+        return f"rlcore, {engine}" + ("" if self.dtype == "bfloat16" else f", {self.dtype}")
+
+
+def parse_run(name: str) -> RunSpec:
+    """``vllm``, ``vllm-float8``, ``vllm-graphs``, ``hf``, ``trl``, ...; a clear error for anything else."""
+    engine, *options = name.split("-")
+    if engine not in ("vllm", "hf", "trl"):
+        raise ValueError(f"run {name!r}: the engine must be vllm, hf or trl")
+    dtype, graphs = None, False
+    for option in options:
+        if option in DTYPES and dtype is None:
+            dtype = option
+        elif option == "graphs" and not graphs:
+            graphs = True
+        else:
+            raise ValueError(f"run {name!r}: unknown or repeated option {option!r} (expected at most one of "
+                             f"{DTYPES}, and graphs)")
+    dtype = dtype or "bfloat16"
+    if graphs and engine != "vllm":
+        raise ValueError(f"run {name!r}: -graphs applies to the vllm engine only")
+    if engine == "trl" and dtype != "bfloat16":
+        raise ValueError(f"run {name!r}: the TRL run is bf16 only")
+    if engine == "hf" and dtype == "float8":
+        raise ValueError(f"run {name!r}: float8 weights need the vllm engine")
+    return RunSpec(name, engine, dtype, graphs)
 
 
 # ------------------------------------------------------------------------------------------ phase: build
@@ -71,13 +126,26 @@ class WallBudget:
     def __init__(self, seconds: float, eval_steps: int, stop_at_step: int | None = None) -> None:
         self.seconds, self.eval_steps, self.stop_at_step = seconds, eval_steps, stop_at_step
         self.started = time.perf_counter()
+        self.eval_seconds = 0.0  # left out of the budget and of the curves' wall clock (TRL's run does the same)
         self.wall: list[tuple[int, float]] = []
 
     def start(self) -> None:
         self.started = time.perf_counter()
 
+    def timed_evaluation(self, evaluate):
+        """``evaluate`` with its time added to :attr:`eval_seconds`."""
+
+        def run():
+            started = time.perf_counter()
+            try:
+                return evaluate()
+            finally:
+                self.eval_seconds += time.perf_counter() - started
+
+        return run
+
     def __call__(self, trainer, step: int, metrics: dict[str, Any]) -> None:
-        elapsed = time.perf_counter() - self.started
+        elapsed = time.perf_counter() - self.started - self.eval_seconds
         self.wall.append((step, elapsed))
         accuracy = metrics.get(ACCURACY)
         print(f"  step {step:4d}  {elapsed:7.1f} s  reward {metrics.get('reward_mean', float('nan')):.3f}"
@@ -101,7 +169,10 @@ def phase_grpo(options) -> int:
     eval_steps = 2 if options.smoke else example.config.eval_steps
     steps = -(-options.max_steps // eval_steps) * eval_steps  # a multiple of eval_steps: the last step evaluates
     # the learning-rate schedule spans max_steps in every run; --stop-at-step ends one early (same steps as another)
-    model_changes: dict[str, Any] = {"model_name_or_path": options.model_dir, "engine": options.engine}
+    model_changes: dict[str, Any] = {"model_name_or_path": options.model_dir, "engine": options.engine,
+                                     "dtype": options.dtype}
+    if options.graphs:
+        model_changes["enforce_eager"] = False
     grpo_changes: dict[str, Any] = {"output_dir": options.run_dir, "max_steps": steps, "save_steps": steps,
                                     "seed": options.seed}
     rows, eval_rows = example.dataset(), example.eval_dataset()
@@ -115,6 +186,7 @@ def phase_grpo(options) -> int:
     budget = WallBudget(options.seconds, eval_steps, options.stop_at_step)
     trainer = GRPOTrainer(model_config, reward_funcs=example.rewards, args=grpo_config, train_dataset=rows,
                           eval_dataset=eval_rows, callbacks=[budget], show_progress=False)
+    trainer.evaluate = budget.timed_evaluation(trainer.evaluate)  # this benchmark's instrument, on its own object
     setup_seconds = time.perf_counter() - started
     print(f"GRPO with engine {trainer.engine.name}: set up in {setup_seconds:.1f} s; up to {steps} steps or "
           f"{options.seconds:.0f} s", flush=True)
@@ -128,8 +200,10 @@ def phase_grpo(options) -> int:
                f"another {eval_steps} steps would overrun {options.seconds:.0f} s")
         print(f"stopped after step {reached.args[0]}: {why}", flush=True)
     result = {
-        "engine": trainer.engine.name, "steps": budget.wall[-1][0] if budget.wall else 0,
+        "engine": trainer.engine.name, "framework": "rlcore", "dtype": model_config.dtype,
+        "steps": budget.wall[-1][0] if budget.wall else 0,
         "grpo_seconds": time.perf_counter() - budget.started, "setup_seconds": setup_seconds,
+        "train_seconds": budget.wall[-1][1] if budget.wall else 0.0, "eval_seconds": budget.eval_seconds,
         "engine_init_seconds": getattr(trainer.engine, "init_seconds", None), "wall": budget.wall,
         "stopped_by_budget": stopped_by_budget, "budget_seconds": options.seconds,
         "config": {"model": model_config.to_dict(), "grpo": grpo_config.to_dict()},
@@ -222,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, HF engine only, a few steps")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "outputs", "learning_gpu"))
     parser.add_argument("--work-dir", default=None, help="model and run directories (default: a new temp dir)")
-    parser.add_argument("--model-dir", default=None, help="an already built arithmetic model: skip the build")
-    parser.add_argument("--engines", default=None, help="comma-separated, in order (default: vllm,hf; smoke: hf)")
+    parser.add_argument("--model-dir", default=None,
+                        help="the arithmetic model's directory: used if built there already, else built there")
+    parser.add_argument("--runs", "--engines", dest="runs", default=None,
+                        help="comma-separated runs, in order, e.g. vllm,vllm-float8,trl (default: vllm,hf; smoke: hf)")
     parser.add_argument("--deadline", type=float, default=450.0, help="seconds for everything (default 450)")
     parser.add_argument("--sft-seconds", type=float, default=100.0, help="fine-tuning budget (default 100)")
     parser.add_argument("--grpo-seconds", type=float, default=100.0, help="GRPO budget per engine (default 100)")
@@ -231,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--replot", metavar="DIR", help="redraw the PNG and the table from a finished run's files")
     # one phase, run by the orchestration above in a child process
-    parser.add_argument("--phase", choices=("build", "grpo"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("build", "grpo", "trl"), help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
+    parser.add_argument("--graphs", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, help=argparse.SUPPRESS)
@@ -242,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return phase_build(options)
     if options.phase == "grpo":
         return phase_grpo(options)
+    if options.phase == "trl":
+        from learning_trl import phase_trl
+
+        return phase_trl(options)
     if options.replot:
         return replot(options.replot)
     return orchestrate(options)
@@ -253,18 +335,20 @@ def orchestrate(options) -> int:
         options.grpo_seconds = min(options.grpo_seconds, 60.0)
         options.max_steps = options.max_steps or 4
         options.deadline = min(options.deadline, 600.0)
-    engines = (options.engines or ("hf" if options.smoke else "vllm,hf")).split(",")
-    unknown = [e for e in engines if e not in ("vllm", "hf")]
-    if unknown:
-        raise SystemExit(f"--engines: unknown engine(s) {unknown}; expected vllm and/or hf")
+    try:
+        specs = [parse_run(name) for name in (options.runs or ("hf" if options.smoke else "vllm,hf")).split(",")]
+    except ValueError as error:
+        raise SystemExit(f"--runs: {error}") from None
+    if len({spec.name for spec in specs}) != len(specs):
+        raise SystemExit(f"--runs: a run is named twice in {options.runs!r}")
     os.makedirs(options.out, exist_ok=True)
     work = options.work_dir or tempfile.mkdtemp(prefix="rlcore-learning-")
     phases = Phases(os.path.join(options.out, "learning_log.txt"), options.deadline)
-    phases.say(f"learning benchmark: engines {engines}, outputs in {options.out}, work dir {work}, "
+    phases.say(f"learning benchmark: runs {[spec.name for spec in specs]}, outputs in {options.out}, work dir {work}, "
                f"deadline {options.deadline:.0f} s{' (smoke)' if options.smoke else ''}")
     smoke = ["--smoke"] if options.smoke else []
     model_dir = options.model_dir or os.path.join(work, "model")
-    if not options.model_dir:
+    if not os.path.isfile(os.path.join(model_dir, "arithmetic_build.json")):
         ok = phases.run("build", ["--phase", "build", "--model-dir", model_dir, "--sft-seconds",
                                   str(options.sft_seconds), *smoke],
                         timeout=min(options.sft_seconds * 1.5 + 90, phases.remaining() - 30))
@@ -280,35 +364,41 @@ def orchestrate(options) -> int:
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     max_steps = options.max_steps or example.config.max_steps
-    stop_at: list[str] = []  # the step the first engine reached: the next one stops there too
+    stop_at: list[str] = []  # the step the first run reached: later rlcore runs stop there too
+    first_train_seconds: float | None = None  # the first run's step time: TRL's wall-clock budget
     runs: dict[str, dict[str, Any]] = {}
-    for index, engine in enumerate(engines):
-        run_dir = os.path.join(work, f"grpo-{engine}")
-        result_path = os.path.join(work, f"result-{engine}.json")
-        later = len(engines) - index - 1
-        # leave the engines still to come their budget plus start-up, and 20 s for the plot
+    for index, spec in enumerate(specs):
+        run_dir = os.path.join(work, f"grpo-{spec.name}")
+        result_path = os.path.join(work, f"result-{spec.name}.json")
+        if os.path.exists(run_dir):  # a rerun in the same work dir starts the run afresh
+            shutil.rmtree(run_dir)
+        later = len(specs) - index - 1
+        # leave the runs still to come their budget plus start-up, and 20 s for the plot
         seconds = min(options.grpo_seconds, phases.remaining() - later * (options.grpo_seconds + 60) - 90)
-        if seconds < 10:
-            phases.say(f"== grpo-{engine}: skipped, {phases.remaining():.0f} s left before the deadline")
+        if seconds < (1 if options.smoke else 10):
+            phases.say(f"== grpo-{spec.name}: skipped, {phases.remaining():.0f} s left before the deadline")
             continue
-        startup = 150 if engine == "vllm" else 60
-        ok = phases.run(f"grpo-{engine}", ["--phase", "grpo", "--engine", engine, "--model-dir", model_dir,
-                                           "--run-dir", run_dir, "--result", result_path, "--seconds", str(seconds),
-                                           "--max-steps", str(max_steps), "--seed", str(options.seed), *stop_at,
-                                           *smoke],
-                        timeout=min(seconds + startup, phases.remaining() - 20))
+        if spec.framework == "trl" and first_train_seconds:  # after the check: TRL runs at least one step
+            seconds = min(seconds, first_train_seconds)
+        startup = 60 if spec.engine == "hf" else 150
+        arguments = ["--phase", "trl" if spec.framework == "trl" else "grpo", "--engine", spec.engine,
+                     "--dtype", spec.dtype, *(["--graphs"] if spec.graphs else []), "--model-dir", model_dir,
+                     "--run-dir", run_dir, "--result", result_path, "--seconds", str(seconds),
+                     "--max-steps", str(max_steps), "--seed", str(options.seed),
+                     *(stop_at if spec.framework == "rlcore" else []), *smoke]
+        ok = phases.run(f"grpo-{spec.name}", arguments, timeout=min(seconds * 1.3 + startup, phases.remaining() - 20))
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
         if os.path.isfile(metrics_path):
-            shutil.copy(metrics_path, os.path.join(options.out, f"metrics_{engine}.jsonl"))
-            result = {"engine": engine}
+            shutil.copy(metrics_path, os.path.join(options.out, f"metrics_{spec.name}.jsonl"))
+            result = {"engine": spec.engine}
             if os.path.isfile(result_path):
                 with open(result_path, encoding="utf-8") as handle:
                     result = json.load(handle)
-            result["metrics"] = read_records(metrics_path)
-            result["completed"] = ok
-            runs[engine] = result
-            if ok and result.get("steps") and not stop_at:
-                stop_at = ["--stop-at-step", str(result["steps"])]  # the next engine runs as many steps
+            result.update(name=spec.name, label=spec.label, metrics=read_records(metrics_path), completed=ok)
+            runs[spec.name] = result
+            if ok and result.get("steps") and index == 0:
+                stop_at = ["--stop-at-step", str(result["steps"])]  # later rlcore runs run as many steps
+                first_train_seconds = result.get("train_seconds")
     summary = {"build": build, "runs": {k: {n: v for n, v in r.items() if n != "metrics"} for k, r in runs.items()},
                "smoke": options.smoke, "seconds": phases.elapsed()}
     with open(os.path.join(options.out, "results.json"), "w", encoding="utf-8") as handle:
@@ -362,17 +452,28 @@ def curves(run: dict[str, Any]) -> dict[str, list]:
     return {"reward": reward, "accuracy": accuracy, "wall": wall}
 
 
+MISMATCH = "mismatch_logp_diff_mean"
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
 def plot_runs(runs: dict[str, dict[str, Any]], path: str, build: dict[str, Any]) -> None:
+    """Reward and held-out accuracy against step (top) and against seconds of GRPO steps (bottom), and the
+    train/inference log-prob gap against step (top right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    colors = {"vllm": "tab:blue", "hf": "tab:orange"}
-    for engine, run in runs.items():
+    figure, axes = plt.subplots(2, 3, figsize=(17, 8))
+    for index, (name, run) in enumerate(runs.items()):
+        color = PALETTE[index % len(PALETTE)]
+        label = run.get("label") or name
         data = curves(run)
-        label = {"vllm": "vLLM (shared weights, standby)", "hf": "transformers generate"}[engine]
         for row, use_wall in enumerate((False, True)):
             for column, key in enumerate(("reward", "accuracy")):
                 points = [(data["wall"].get(step) if use_wall else step, value) for step, value in data[key]]
@@ -382,14 +483,16 @@ def plot_runs(runs: dict[str, dict[str, Any]], path: str, build: dict[str, Any])
                 xs, ys = zip(*points)
                 axis = axes[row][column]
                 if key == "reward" and len(ys) >= 5:
-                    axis.plot(xs, ys, color=colors[engine], alpha=0.25)
                     window = max(2, len(ys) // 10)
-                    ys = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                          for i in range(len(ys))]
-                    axis.plot(xs, ys, color=colors[engine], label=f"{label} (moving mean {window})")
+                    axis.plot(xs, ys, color=color, alpha=0.25)
+                    axis.plot(xs, _moving_mean(list(ys), window), color=color, label=f"{label} (moving mean {window})")
                 else:
-                    axis.plot(xs, ys, color=colors[engine], marker="o" if key == "accuracy" else None,
-                              label=label)
+                    axis.plot(xs, ys, color=color, marker="o" if key == "accuracy" else None, label=label)
+        gap = [(r["step"], r[MISMATCH]) for r in run["metrics"] if isinstance(r.get(MISMATCH), (int, float))
+               and r[MISMATCH] > 0]
+        if gap:
+            xs, ys = zip(*gap)
+            axes[0][2].plot(xs, ys, color=color, label=label)
     sft_accuracy = build.get("heldout_greedy_accuracy")
     for row in range(2):
         if sft_accuracy is not None:
@@ -397,9 +500,15 @@ def plot_runs(runs: dict[str, dict[str, Any]], path: str, build: dict[str, Any])
         for column, (title, ylabel) in enumerate((("Reward (train batch)", "weighted reward"),
                                                   ("Held-out accuracy (greedy)", "exact match"))):
             axis = axes[row][column]
-            axis.set(title=title, ylabel=ylabel, xlabel="wall seconds of GRPO" if row else "step")
+            axis.set(title=title, ylabel=ylabel,
+                     xlabel="seconds of GRPO steps (evaluation left out)" if row else "step")
             axis.grid(alpha=0.3)
             axis.legend(fontsize=8)
+    axes[0][2].set(title="Train/inference gap: mean |Δ log-prob| per token", xlabel="step", yscale="log")
+    axes[0][2].grid(alpha=0.3)
+    if axes[0][2].lines:
+        axes[0][2].legend(fontsize=8)
+    axes[1][2].axis("off")
     figure.suptitle(f"GRPO on arithmetic: {build.get('parameters', 0) / 1e6:.3g}M-parameter Llama-3 model, "
                     f"{next(iter(runs.values())).get('device', '')}")
     figure.tight_layout()
@@ -432,7 +541,11 @@ def markdown_table(runs: dict[str, dict[str, Any]], build: dict[str, Any]) -> st
     add("held-out accuracy before → after", [accuracy(runs[e]) for e in engines])
     add("steps (stopped by budget)", [f"{runs[e].get('steps', '?')} ({runs[e].get('stopped_by_budget')})"
                                       for e in engines])
+    add("framework, engine, dtype", [f"{runs[e].get('framework', 'rlcore')}, {runs[e].get('engine')}, "
+                                     f"{runs[e].get('dtype', 'bfloat16')}" for e in engines])
     add("GRPO wall seconds", [f"{runs[e].get('grpo_seconds', float('nan')):.1f}" for e in engines])
+    add("seconds of steps (evaluation left out)", [f"{runs[e].get('train_seconds', float('nan')):.1f}"
+                                                   for e in engines])
     add("set-up seconds (engine start, model load)",
         [f"{runs[e].get('setup_seconds', float('nan')):.1f}"
          + (f" (vLLM init {runs[e]['engine_init_seconds']:.1f})" if runs[e].get("engine_init_seconds") else "")

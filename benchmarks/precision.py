@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--fp8-grad-mode", default="fp8", choices=["fp8", "dequant"],
+    parser.add_argument("--fp8-grad-mode", default="dequant", choices=["fp8", "dequant"],
                         help="FP8 backward: FP8 GEMM through a transient transposed copy, or a dequantized bf16 one")
     parser.add_argument("--child-timeout", type=int, default=None, help="seconds per dtype process")
     parser.add_argument("--out-dir", default=None, help="JSON goes here (default: $OUT or .)")

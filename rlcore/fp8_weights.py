@@ -80,7 +80,7 @@ def _fp8_view(name: str, module: nn.Linear, sources: dict[str, torch.Tensor], co
 
 def share_fp8_linears(model: nn.Module, sources: dict[str, torch.Tensor], config,
                       packed: dict[str, tuple[str, ...]], activation_scaling: str = "row",
-                      grad_mode: str = "fp8") -> list[str]:
+                      grad_mode: str = "dequant") -> list[str]:
     """Replaces every ``nn.Linear`` of ``model`` whose vLLM counterpart is FP8 by an :class:`FP8Linear` over
     views of vLLM's weight and scale; returns the names replaced.
 
