@@ -40,7 +40,8 @@ logger = logging.getLogger("rlcore")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LEFTOVER_PATTERN = re.compile(r"^\.checkpoint-(\d+)\.(tmp|replaced|deleting)$")
-LEGACY_SET_ASIDE = re.compile(r"^checkpoint-(\d+)\.old$")  # what rlcore 0.1.0 left when killed mid re-save
+LEGACY_SET_ASIDE = re.compile(r"^checkpoint-(\d+)\.old$")
+SUPERSEDED_SUFFIX = ".superseded"  # a later checkpoint set aside when an earlier one is resumed explicitly  # what rlcore 0.1.0 left when killed mid re-save
 STATE_FILE = "trainer_state.pt"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = os.path.join(ADAPTER_DIR, "adapter_model.safetensors")
@@ -265,7 +266,38 @@ def resolve_resume_path(output_dir: str, resume_from_checkpoint: bool | str | No
     if not os.path.isdir(path):
         raise CheckpointError(f"resume_from_checkpoint={path!r}: no such checkpoint directory")
     verify_checkpoint(path)
+    for line in set_newer_checkpoints_aside(output_dir, path):
+        report(line)
     return path
+
+
+def set_newer_checkpoints_aside(output_dir: str, path: str) -> list[str]:
+    """Resuming ``output_dir``'s own ``checkpoint-N`` while later ones exist starts a new branch of the run: the
+    later checkpoints belong to the one abandoned. Each is renamed ``checkpoint-M.superseded`` (kept, never
+    resumed, never rotated away in place of the new branch's checkpoints); returns one line per rename.
+
+    Without this, a kill early in the new branch would make ``--resume`` continue the abandoned branch's newest
+    checkpoint, and ``save_total_limit`` would delete the new branch's checkpoints before the old ones.
+    A ``checkpoint-M.superseded`` already there (from an earlier branch) is replaced.
+    """
+    match = CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(path)))
+    parent = os.path.dirname(os.path.abspath(path))
+    if match is None or not os.path.isdir(output_dir) or not os.path.samefile(parent, output_dir):
+        return []  # a checkpoint from elsewhere: this run's directory is not branched
+    step = int(match.group(1))
+    lines = []
+    for newer in list_checkpoints(output_dir):
+        newer_step = int(CHECKPOINT_PATTERN.match(os.path.basename(newer)).group(1))
+        if newer_step <= step:
+            continue
+        aside = newer + SUPERSEDED_SUFFIX
+        if os.path.exists(aside):
+            _remove_tree(aside)
+        os.replace(newer, aside)
+        _fsync_path(output_dir)
+        lines.append(f"resuming from checkpoint-{step}: moved the later {os.path.basename(newer)} of the run that "
+                     f"continued from it to {os.path.basename(aside)} (rename it back to use it)")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- loading

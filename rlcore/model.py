@@ -11,7 +11,13 @@ from typing import Any
 import torch
 
 from rlcore.config import GRPOConfig, ModelConfig
-from rlcore.model_source import ModelLoadError, hub_unreachable, model_source, resolve_model_path
+from rlcore.model_source import (
+    ModelLoadError,
+    check_checkpoint_precision,
+    hub_unreachable,
+    model_source,
+    resolve_model_path,
+)
 from rlcore.rollout import RolloutEngine
 
 logger = logging.getLogger("rlcore")
@@ -66,6 +72,7 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
                                  f"downloaded: the Hugging Face Hub is not reachable ({unreachable}). Use a local "
                                  "model directory, or 'tiny' for the tiny random test model.")
     path = resolve_model_path(model_config.model_name_or_path)
+    check_checkpoint_precision(path)
     tokenizer = load_tokenizer(path, model_config.trust_remote_code)
     engine_name = choose_engine(model_config)
     if model_config.load_format == "dummy" and engine_name != "vllm":
@@ -160,6 +167,11 @@ def load_base_model(path: str, model_config: ModelConfig):
     model.to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if dtype == torch.float16:
+        # as on the vLLM path: the residual stream is what passes float16's 65,504 first, so it stays float32
+        from rlcore.kernels.fp16_stability import keep_residual_fp32
+
+        keep_residual_fp32(model)
     return model
 
 

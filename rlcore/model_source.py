@@ -81,6 +81,37 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return outcome[0] if outcome else f"{endpoint}: no answer within {timeout:g} s"
 
 
+def checkpoint_quantization(path: str) -> str | None:
+    """The ``quantization_config.quant_method`` of a local model directory's config.json (e.g. ``"fp8"``,
+    ``"compressed-tensors"``), or None for a 16-bit checkpoint, a Hub id or a directory without config.json."""
+    import json
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None  # transformers reports an unreadable config.json when it loads the model
+    quantization = config.get("quantization_config") if isinstance(config, dict) else None
+    if not quantization:
+        return None
+    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+
+
+def check_checkpoint_precision(path: str) -> None:
+    """Raises :class:`ModelLoadError` for a pre-quantized checkpoint: rlcore shares one copy of the weights between
+    vLLM and the trainer for 16-bit checkpoints only (FP8 comes from vLLM quantizing one as it loads it)."""
+    method = checkpoint_quantization(path)
+    if method is not None:
+        raise ModelLoadError(
+            f"model_name_or_path={path!r} is a pre-quantized checkpoint (config.json quantization_config."
+            f"quant_method={method!r}); rlcore trains from 16-bit checkpoints only. Give the bf16 or fp16 "
+            "checkpoint: with dtype='float8' vLLM quantizes it to FP8 as it loads it, and the trainer shares those "
+            "FP8 weights.")
+
+
 def looks_like_local_path(name_or_path: str) -> bool:
     """True for names a Hub id can not be (``org/name`` has one ``/`` and no leading ``/``, ``.`` or ``~``)."""
     return (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path

@@ -302,6 +302,37 @@ def test_no_intact_checkpoint_resumes_from_nothing_and_says_so(tmp_path):
         resolve_resume_path(str(tmp_path), str(tmp_path / "checkpoint-9"))
 
 
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Resuming checkpoint-2 of a run that went on to 6 starts a new branch: a kill early in it must resume the new
+    branch (not the abandoned checkpoint-6), and rotation must keep the new branch's checkpoints."""
+    for step in (2, 4, 6):
+        save(tmp_path, step)
+    lines = []
+    assert resolve_resume_path(str(tmp_path), str(tmp_path / "checkpoint-2"), report=lines.append) \
+        == str(tmp_path / "checkpoint-2")
+    assert steps(tmp_path) == [2]
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".superseded")) == [
+        "checkpoint-4.superseded", "checkpoint-6.superseded"]
+    assert len(lines) == 2 and all("rename it back" in line for line in lines)
+    assert marker_of(tmp_path / "checkpoint-6.superseded") == 6  # kept intact, nothing lost
+    save(tmp_path, 3, marker=30, limit=2)  # the new branch goes on, with rotation
+    assert steps(tmp_path) == [2, 3]
+    assert marker_of(resolve_resume_path(str(tmp_path), True, report=lambda line: None)) == 30
+    # branching again from 2 replaces the older set-aside copy of a step, not the new branch's
+    save(tmp_path, 4, marker=40)
+    resolve_resume_path(str(tmp_path), str(tmp_path / "checkpoint-2"), report=lambda line: None)
+    assert marker_of(tmp_path / "checkpoint-4.superseded") == 40 and steps(tmp_path) == [2]
+
+
+def test_resuming_a_checkpoint_from_another_directory_leaves_this_one_alone(tmp_path):
+    other, here = tmp_path / "other", tmp_path / "here"
+    save(other, 1)
+    for step in (2, 3):
+        save(here, step)
+    resolve_resume_path(str(here), str(other / "checkpoint-1"), report=lambda line: None)
+    assert steps(here) == [2, 3] and steps(other) == [1]
+
+
 # ---------------------------------------------------------------------------------------------- a full disk
 def test_full_disk_gives_one_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     save(tmp_path, 1)

@@ -165,3 +165,20 @@ def test_unscale_divides_and_detects_overflow():
     other = DynamicLossScaler()
     other.load_state_dict(state)
     assert other.scale == scaler.scale and other.good_steps == scaler.good_steps
+
+
+def test_hf_path_keeps_the_residual_stream_fp32_in_float16(monkeypatch):
+    """The transformers-engine path (no vLLM) in float16 gets the same fp32 residual stream as the shared-weight
+    path: the decoder layers' hidden states come out float32 while the weights stay float16."""
+    from rlcore import model as model_module
+    from rlcore.config import ModelConfig
+    from rlcore.tiny_model import build_tiny_model
+
+    monkeypatch.setattr(model_module, "compute_dtype", lambda config, device: torch.float16)  # as on a GPU
+    config = ModelConfig(model_name_or_path="tiny", dtype="float16", engine="hf")
+    model = model_module.load_base_model(build_tiny_model(), config)
+    assert next(model.parameters()).dtype == torch.float16
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True)
+    assert all(h.dtype == torch.float32 for h in out.hidden_states[1:-1]), [h.dtype for h in out.hidden_states]
+    assert torch.isfinite(out.logits).all()

@@ -58,6 +58,29 @@ def test_missing_local_model_directory_says_so(tmp_path):
     assert "Hub" not in result.stderr.split("no such directory")[0]  # not reported as a bad Hub id
 
 
+def test_pre_quantized_checkpoint_is_refused_naming_the_field(tmp_path):
+    import json
+    import shutil
+
+    from rlcore.model_source import checkpoint_quantization
+    from rlcore.tiny_model import build_tiny_model
+
+    source = build_tiny_model()
+    assert checkpoint_quantization(source) is None  # a 16-bit checkpoint passes
+    model_dir = tmp_path / "fp8-model"
+    shutil.copytree(source, model_dir)
+    with open(model_dir / "config.json", encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    with open(model_dir / "config.json", "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
+    result = run_cli(EXAMPLE, "--set", f"model={model_dir}", "--set", f"output_dir={tmp_path / 'out'}",
+                     "--set", "dataset=bundled", cwd=str(tmp_path), env=NO_HUB)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "pre-quantized checkpoint" in result.stderr and "quant_method='fp8'" in result.stderr
+    assert "dtype='float8'" in result.stderr  # says the way that works
+
+
 @pytest.mark.parametrize("args, message", [
     (["--resume"], "holds no checkpoint to resume from"),
     (["--resume", "/nonexistent/checkpoint-3"], "is not a checkpoint (no such directory)"),
