@@ -41,6 +41,22 @@ class RolloutTimings:
 
 
 @dataclass
+class RoundCompletions:
+    """What one sampling round made, before it becomes (part of) a :class:`RolloutBatch`: the completions of
+    ``row_ids`` (each prompt row repeated ``num_generations`` times) and, once scored, their rewards.
+
+    With dynamic sampling a generation's batch takes groups from several rounds; without it, from one."""
+
+    row_ids: list[int]
+    rollouts: list[Rollout]
+    generate_seconds: float
+    prompts_truncated: int  # prompts cut to max_prompt_length in this round
+    scores: Any = None  # rewards.RewardScores, set when the round is scored
+    completions: list[Any] = field(default_factory=list)  # what the rewards saw (text, or chat messages)
+    reward_seconds: float = 0.0
+
+
+@dataclass
 class MicroBatch:
     """The rows of one micro-step, every per-token tensor cut to ``width`` (their longest completion)."""
 

@@ -30,7 +30,7 @@ from rlcore.output_dir import prepare_output_dir
 from rlcore.reporting import RunReporter, SilentReporter
 from rlcore.rewards import RewardFunction, as_reward_function, score_completions
 from rlcore.rollout import RolloutEngine, SamplingSettings
-from rlcore.rollout_batch import RolloutBatch, RolloutTimings, row_index, trimmed_inputs
+from rlcore.rollout_batch import RolloutBatch, RolloutTimings, RoundCompletions, row_index, trimmed_inputs
 
 logger = logging.getLogger("rlcore")
 
@@ -238,9 +238,9 @@ class GRPOTrainer:
         rollouts, completions, rewards = [], [], []
         for round_index, group in groups:
             taken = slice(group * size, (group + 1) * size)
-            payload = rounds[round_index].payload
-            rollouts += payload["rollouts"][taken]
-            completions += payload["completions"][taken]
+            completions_made = rounds[round_index].payload
+            rollouts += completions_made.rollouts[taken]
+            completions += completions_made.completions[taken]
             rewards.append(rounds[round_index].rewards[taken])
         excluded_rows = [place * size + i for place in excluded for i in range(size)]
         rewards = torch.as_tensor(np.concatenate(rewards), dtype=torch.float32)
@@ -253,21 +253,21 @@ class GRPOTrainer:
 
         start = time.perf_counter()
         self._add_reference_logps(batch)
-        scores = _concatenate_scores([r.payload["scores"] for r in rounds])  # every completion generated
-        generate_seconds = sum(r.payload["generate_seconds"] for r in rounds)
+        made = [sampling_round.payload for sampling_round in rounds]
+        scores = _concatenate_scores([m.scores for m in made])  # every completion generated
+        generate_seconds = sum(m.generate_seconds for m in made)
         batch.timings = RolloutTimings(generate=generate_seconds, standby=wake.seconds + sleep.seconds,
-                                       reward=sum(r.payload["reward_seconds"] for r in rounds),
+                                       reward=sum(m.reward_seconds for m in made),
                                        reference=time.perf_counter() - start, reward_by_function=dict(scores.seconds))
         reward_metrics = _reward_metrics(self._job_scores(generation, scores), rewards)  # every rank's
         completion_tokens = sum(batch.row_counts.completion)
-        generated_tokens = sum(len(r.completion_ids) for sampling_round in rounds
-                               for r in sampling_round.payload["rollouts"])
+        generated_tokens = sum(len(r.completion_ids) for m in made for r in m.rollouts)
         batch.metrics.update({
             # per-reward seconds are reported from batch.timings, only by the step that made the batch
             **{k: v for k, v in reward_metrics.items() if not k.startswith("time_reward/")},
             **{f"advantage_{k}": float(v) for k, v in advantage_stats.items()},
             **_length_metrics(batch),
-            "prompts_truncated": sum(r.payload["prompts_truncated"] for r in rounds),
+            "prompts_truncated": sum(m.prompts_truncated for m in made),
             "completion_tokens": completion_tokens,
             "generated_tokens": generated_tokens,
             "generation_tokens_per_second": generated_tokens / max(generate_seconds, 1e-9),
@@ -288,18 +288,18 @@ class GRPOTrainer:
             seed = int(np.random.default_rng([*self._dynamic_sampling_key(generation), round_index]).integers(2**31))
         start = time.perf_counter()
         rollouts = self.engine.generate([ids for ids, _ in encoded], self.sampling_settings(seed=seed))
-        payload = {"row_ids": row_ids, "rollouts": rollouts, "generate_seconds": time.perf_counter() - start,
-                   "prompts_truncated": sum(t for _, t in encoded) // args.num_generations}
-        return SamplingRound(list(prompt_rows), np.empty(0), payload)
+        made = RoundCompletions(row_ids=row_ids, rollouts=rollouts, generate_seconds=time.perf_counter() - start,
+                                prompts_truncated=sum(t for _, t in encoded) // args.num_generations)
+        return SamplingRound(list(prompt_rows), np.empty(0), made)
 
     def _score_round(self, sampling_round: SamplingRound) -> SamplingRound:
         """Runs the rewards on a round's completions; sets its ``rewards`` (the weighted sum per completion)."""
-        payload = sampling_round.payload
+        made: RoundCompletions = sampling_round.payload
         start = time.perf_counter()
-        rows = [self.train_rows[i] for i in payload["row_ids"]]
-        payload["scores"], payload["completions"] = self._score(rows, payload["rollouts"])
-        payload["reward_seconds"] = time.perf_counter() - start
-        sampling_round.rewards = payload["scores"].weighted_sum()
+        rows = [self.train_rows[i] for i in made.row_ids]
+        made.scores, made.completions = self._score(rows, made.rollouts)
+        made.reward_seconds = time.perf_counter() - start
+        sampling_round.rewards = made.scores.weighted_sum()
         return sampling_round
 
     def _dynamic_sampling_key(self, generation: int) -> tuple[int, ...]:
