@@ -2,7 +2,8 @@
 
 TRL gets the settings of ``examples/arithmetic_grpo.py`` (:func:`trl_arithmetic_config` maps them name by name;
 ``tests/test_learning_benchmarks.py`` checks the mapping field by field with :func:`setting_mismatches`), the same
-prompts in the same order, the same two rewards with the same weights (rlcore's reward classes are TRL-style
+prompts (each framework shuffles them with its own generator from the same seed, so the order differs, as do the
+sampling streams: one run per framework is one trajectory each), the same two rewards with the same weights (rlcore's reward classes are TRL-style
 callables), the same LoRA and the same seed. On the GPU it runs as users run it: ``use_vllm=True,
 vllm_mode="colocate", vllm_enable_sleep_mode=True``, bf16, gradient checkpointing.
 

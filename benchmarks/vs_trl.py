@@ -10,7 +10,8 @@ Settings: 16 prompts × 8 × 512 tokens (micro-batch 8) and 1 prompt × 8 × 4,0
 
 Out: one markdown table (median step after the warm-up steps; generate / weight sync / sleep+wake / train+rest;
 generated tokens/s; peak GPU memory; GPU bytes of weights; KV-cache tokens; TRL/rlcore ratios), the longest
-completion that trains (bounded search), and ``$OUT/vs_trl.json`` (plus one log per process) when OUT is set.
+completion that trains (bounded search, and an estimate from the training-phase memory), and
+``$OUT/vs_trl.json`` (plus one log per process) when OUT is set.
 
 What TRL 1.16 does in this mode (read from trl/generation/vllm_generation.py and trl/trainer/grpo_trainer.py):
 
@@ -35,9 +36,11 @@ objects are wrapped as phases (exclusive wall time, synchronized at the end of e
 generate; TRL's ``VLLMGeneration.sync_weights`` + ``LLM.wake_up(tags=["weights"])`` / rlcore's
 ``VLLMEngine.sync_weights`` → weight sync; ``LLM.sleep`` + other ``LLM.wake_up`` / rlcore's ``VLLMEngine.sleep`` /
 ``wake`` → sleep/wake; the rest of the step (rewards, the no-grad log-prob pass, forward+backward, optimizer,
-bookkeeping) → train + rest. Peak GPU memory is device memory in use (NVML) sampled every 50 ms and at step
-ends. Weight bytes count each parameter storage once across the training model and vLLM's model (rlcore's
-trainer layers are views of vLLM's tensors; TRL holds two copies).
+bookkeeping) → train + rest, of which the log-prob pass and forward+backward are also recorded on their own (see
+Longest completion; each of those calls ends with ``torch.cuda.synchronize()`` too). Peak GPU memory is device
+memory in use (NVML) sampled every 50 ms, as each phase starts and ends, and at step ends. Weight bytes count
+each parameter storage once across the training model and vLLM's model (rlcore's trainer layers are views of
+vLLM's tensors; TRL holds two copies).
 
 KV budgets: rlcore's vLLM gets ``--rlcore-gpu-memory-utilization`` (0.9) of the GPU including the one copy of
 the weights; TRL's vLLM gets ``--trl-gpu-memory-utilization`` (0.8) *besides* the training model's copy (about
@@ -45,13 +48,26 @@ the weights; TRL's vLLM gets ``--trl-gpu-memory-utilization`` (0.8) *besides* th
 refuses a TRL share above ~0.88 there (it must fit in the memory left free by the training model).
 
 Longest completion: bounded search (double from ``--longest-start``, then bisect to ``--longest-granularity``;
-at most ``--max-probes`` probes per framework), each probe a fresh process with ``--probe-timeout-s``. A probe is
-one optimizer step at 1 prompt × 8 × L with one sequence per micro-batch, trained on one micro-batch
-(steps_per_generation 8, gradient_accumulation_steps 1), vLLM in eager mode, and synthetic completions in
-place of ``LLM.generate`` (random tokens, fixed log-probs; the real engine still starts, syncs, sleeps and
-wakes). vLLM allocates its KV cache up front, so generation-phase memory does not depend on L; what grows with L
-is training, which runs for real: the framework's no-grad log-prob pass over all 8 and forward+backward. The
-table adds the KV-cache bound (8 sequences of L resident at once). ``--probe-lengths`` probes given lengths.
+at most ``--max-probes`` probes per framework), each probe a fresh process with ``--probe-timeout-s``;
+``--probe-lengths`` probes given lengths instead. A probe is one optimizer step at 1 prompt ×
+``--probe-generations`` N (default 8, the benchmark's setting; at least 2) × L with one sequence per micro-batch,
+trained on one micro-batch (steps_per_generation N, gradient_accumulation_steps 1), vLLM in eager mode, and
+synthetic completions in place of ``LLM.generate`` (random tokens, fixed log-probs; the real engine still starts,
+syncs, sleeps and wakes). vLLM allocates its KV cache up front, so generation-phase memory does not depend on L;
+what grows with L is training, which runs for real: the framework's no-grad log-prob pass over all N and
+forward+backward of one sequence. Those are labelled phases too (rlcore: ``GRPOTrainer._logps_no_grad`` →
+logprob_pass, ``GRPOTrainer.micro_step`` → forward_backward; TRL: ``_get_per_token_logps_and_entropies`` without
+grad → logprob_pass, with grad, ``compute_loss`` and ``accelerator.backward`` → forward_backward), so each step
+records their times and each probe its training-phase peak (``train_phase_peak_gib``: NVML device memory in use
+while either runs, sampled every 50 ms and as each phase starts and ends) next to the device total. The whole
+step's peak is no use here: it includes the moments before and during generation when vLLM's KV cache (~110 GiB)
+is mapped. The training-phase peak hardly depends on N (one sequence per micro-batch); the log-prob pass time is
+proportional to N, so N = 2 makes probes cheaper without changing what they measure. Besides the longest length
+that trained, the table gives an estimate (:func:`vs_trl_report.memory_estimate`): a least-squares line through
+the training-phase peaks of passing probes at two or more lengths, extended to the device total minus 2 GiB,
+and the KV-cache bound (8 sequences of L resident at once). On the H200 at L = 32,768 (N = 8) rlcore's step took
+23.5 s, 15.3 s of it the log-prob pass, TRL's 27.6 s; at 131,072 (TRL) and 262,144 (rlcore) one probe step did
+not finish in the ~4 minutes a probe could get: time, not memory, stopped the search there, hence the estimate.
 
 Running it on the lent H200 (vllm 0.26.0, torch 2.11, transformers 5.17, peft 0.21; no TRL there):
 
@@ -73,10 +89,19 @@ Running it on the lent H200 (vllm 0.26.0, torch 2.11, transformers 5.17, peft 0.
 4. Full numbers, one call each while the machine stays warm (the weights are reused from /tmp; every
    invocation stops starting processes at its ``--budget-s``, 570 s by default, 0 for none):
    ``--only trl --setting 16x8x512`` (~5 min), ``--only rlcore --setting 16x8x512`` (~4 min),
-   ``--only trl --setting 1x8x4096`` (~6 min), ``--only rlcore --setting 1x8x4096`` (~5.5 min), and
-   ``--longest-only --only trl --probe-lengths 32768,65536`` (~2.5 min a probe); then here
+   ``--only trl --setting 1x8x4096`` (~6 min), ``--only rlcore --setting 1x8x4096`` (~5.5 min); then here
    ``python benchmarks/vs_trl.py --merge run1/vs_trl.json run2/vs_trl.json ...`` prints the combined tables
-   (a framework process's own ``vs_trl_<framework>_<setting>.json`` under $OUT merges too).
+   (a framework process's own ``vs_trl_<framework>_<setting>.json`` under $OUT merges too, probes included).
+5. Longest completion, both frameworks in one call (≤ 10 min), same exports as call 8:
+   ``python3 benchmarks/vs_trl.py --longest-only --probe-generations 2 --probe-lengths 16384,32768
+   --probe-timeout-s 200 --reserve-s 200``: four probes, TRL's two first. Estimate (from the numbers above, not
+   measured with N = 2): per probe ~20 s of process start and imports, then start-up (TRL ~20 s, rlcore 30-60 s)
+   and the step (N = 2 takes 6 of the 8 sequences out of the log-prob pass: rlcore ~12 s at 32,768, TRL
+   ~15 s if its pass is a similar share of its 27.6 s; about half that at 16,384), so ~45-55 s a TRL probe
+   and ~55-90 s an rlcore probe: ~4 min, plus ~1 min writing the weights on a fresh machine, ~5 min in all.
+   Prints the longest-completion table with each framework's training-phase peaks at both lengths and the
+   estimated length at which they reach the device. More lengths (another call, then ``--merge``) check the
+   line: ``--probe-lengths 65536`` adds a third point.
 """
 
 from __future__ import annotations
@@ -93,7 +118,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,14 +127,24 @@ for _path in (ROOT, HERE):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from vs_trl_report import (FRAMEWORKS, bounded_search, kv_bound, longest_from_probes, longest_table,  # noqa: E402
-                           step_table, summarize_run)
+from vs_trl_report import (FRAMEWORKS, TRAINING_PHASES, bounded_search, kv_bound, longest_from_probes,  # noqa: E402
+                           longest_table, step_table, summarize_run, train_phase_peak)
 from vs_trl_setup import SETTINGS, Setting, probe_setting  # noqa: E402
 
 DEFAULT_MODEL_DIR = "/tmp/vs_trl_llama3_8b"
 QUICK_BUDGET_S = 525
 DEFAULT_BUDGET_S = 570  # a device call may run 600 s
 MIN_CHILD_S = 120  # a framework process that can not get this long is not started
+ISSUE_GENERATIONS = 8  # completions per prompt of the benchmark's settings, and of the probes by default
+
+
+def probe_setting_for(completion_length: int, num_generations: int = ISSUE_GENERATIONS) -> Setting:
+    """:func:`vs_trl_setup.probe_setting` with ``num_generations`` completions (at least 2): one sequence per
+    micro-batch and one micro-batch trained, so the training-phase peak does not depend on the count while the
+    no-grad log-prob pass (over every completion) takes time in proportion to it."""
+    base = probe_setting(completion_length)
+    return replace(base, name=f"{base.num_prompts}x{num_generations}x{completion_length}",
+                   num_generations=num_generations)
 
 
 # ====================================================================== framework processes
@@ -146,17 +181,13 @@ def _regular_token_ids(tokenizer) -> list[int]:
 def _instruments(result: dict[str, Any], save) -> tuple[Any, Any, Any]:
     import torch
 
-    from vs_trl_measure import DeviceMemorySampler, PhaseClock, StepRecorder, device_used_reader
+    from vs_trl_measure import DeviceMemorySampler, PhaseClock, StepRecorder, device_used_reader, label_follower
 
     read, source = device_used_reader(_nvml_index())
     sampler = DeviceMemorySampler(read).start()
     result["memory_source"] = source
     result["device_used_at_start_gib"] = sampler.sample() / 2**30
-
-    def on_change(label: str) -> None:
-        sampler.label = label
-
-    clock = PhaseClock(synchronize=torch.cuda.synchronize, on_change=on_change)
+    clock = PhaseClock(synchronize=torch.cuda.synchronize, on_change=label_follower(sampler))
     recorder = StepRecorder(clock, sampler, synchronize=torch.cuda.synchronize, on_record=lambda record: save())
     result["steps"] = recorder.steps  # the same list: every save() writes the steps so far
     return sampler, clock, recorder
@@ -193,6 +224,35 @@ def _weights(result: dict[str, Any], training_model, llm, model_dir: str, separa
         result["weights"] = {**trainer_only, "unique_bytes": total, "unique_gib": total / 2**30,
                              "engine_copy": f"not measured ({error!r}); "
                                             + ("checkpoint size added" if separate_copy else "shared views")}
+
+
+def label_rlcore_training(clock, trainer) -> None:
+    """rlcore's training work as phases: ``GRPOTrainer._logps_no_grad`` (the old-policy pass over the whole
+    generation) → logprob_pass, ``GRPOTrainer.micro_step`` (forward, loss and backward of one micro-batch) →
+    forward_backward. Both are called through the instance (``self.…``), so instance attributes take effect."""
+    clock.wrap(trainer, "_logps_no_grad", "logprob_pass")
+    clock.wrap(trainer, "micro_step", "forward_backward")
+
+
+def label_trl_training(clock, trainer) -> None:
+    """TRL 1.16's training work as phases (read from trl/trainer/grpo_trainer.py and transformers' Trainer,
+    all called as ``self.…``): ``_get_per_token_logps_and_entropies`` under ``torch.no_grad()`` (the old-policy
+    pass of ``_generate_and_score_completions``) → logprob_pass, with gradients (inside ``_compute_loss``) →
+    forward_backward; ``compute_loss`` and ``accelerator.backward`` → forward_backward."""
+    from vs_trl_measure import logprob_label
+
+    clock.wrap(trainer, "_get_per_token_logps_and_entropies", logprob_label)
+    clock.wrap(trainer, "compute_loss", "forward_backward")
+    clock.wrap(trainer.accelerator, "backward", "forward_backward")
+
+
+def _train(trainer, result: dict[str, Any], sampler) -> None:
+    """``trainer.train()``; the per-label peaks are kept with the result even when training fails (an OOM)."""
+    try:
+        trainer.train()
+    finally:
+        result["phase_peak_device_gib"] = sampler.phase_peaks_gib()
+    result["train_peak_device_gib"] = sampler.peak / 2**30
 
 
 def _synthetic(llm, tokenizer, vocab_size: int, seed: int) -> None:
@@ -233,10 +293,10 @@ def run_rlcore(spec: dict[str, Any], result: dict[str, Any], save) -> None:
     clock.wrap(engine, "sync_weights", "weight_sync")
     clock.wrap(engine, "wake", "standby")
     clock.wrap(engine, "sleep", "standby")
+    label_rlcore_training(clock, trainer)
     record_each_call(trainer, "training_step", recorder)
     save()
-    trainer.train()
-    result["train_peak_device_gib"] = sampler.peak / 2**30
+    _train(trainer, result, sampler)
 
 
 def run_trl(spec: dict[str, Any], result: dict[str, Any], save) -> None:
@@ -295,10 +355,10 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any], save) -> None:
     clock.wrap(generation, "sync_weights", "weight_sync")
     clock.wrap(llm, "wake_up", wake_up_label)
     clock.wrap(llm, "sleep", "standby")
+    label_trl_training(clock, trainer)
     save()
-    trainer.train()
+    _train(trainer, result, sampler)
     result["framework_metrics"] = trainer.state.log_history
-    result["train_peak_device_gib"] = sampler.peak / 2**30
 
 
 def child_main(spec_path: str) -> int:
@@ -473,6 +533,32 @@ def _child_timeout(args, budget: Budget, later: int, probe: bool = False) -> flo
     return min(limit, budget.remaining() - later * args.reserve_s - 5)
 
 
+def probe_record(result: dict[str, Any]) -> dict[str, Any]:
+    """One probe's entry for the search and the tables, from a framework process's result.
+
+    ``train_phase_peak_gib`` is the largest device memory in use while the framework ran its no-grad log-prob
+    pass or forward + backward (the step's per-label peaks; the whole run's when no step finished, e.g. an OOM);
+    ``peak_device_gib`` includes the moments vLLM's KV cache is mapped. A process that never recorded its end
+    (stopped from outside) is ``incomplete``.
+    """
+    status = result.get("status")
+    outcome = status if status in ("ok", "oom", "timeout") else "incomplete" if status == "running" else "error"
+    steps = result.get("steps") or []
+    if outcome == "ok" and not steps:
+        outcome = "error"
+    step = steps[-1] if steps else {}
+    peaks = step.get("phase_peak_device_gib") or result.get("phase_peak_device_gib") or {}
+    setting = result.get("setting") or {}
+    return {"length": setting.get("completion_length"), "num_generations": setting.get("num_generations"),
+            "outcome": outcome, "error": result.get("error"), "seconds": result.get("wall_s"),
+            "step_s": step.get("step_s"), "logprob_pass_s": step.get("logprob_pass_s"),
+            "forward_backward_s": step.get("forward_backward_s"), "kv_cache_tokens": result.get("kv_cache_tokens"),
+            "peak_device_gib": result.get("train_peak_device_gib"),
+            "train_phase_peaks_gib": {label: peaks[label] for label in TRAINING_PHASES if label in peaks},
+            "train_phase_peak_gib": train_phase_peak(peaks), "device_total_gib": result.get("device_total_gib"),
+            "log": result.get("log")}
+
+
 def run_longest(args, budget: Budget, work: str, frameworks: list[str]) -> dict[str, list[dict[str, Any]]]:
     probes: dict[str, list[dict[str, Any]]] = {}
     prompts = build_prompts(args.model_dir, 1, 128)
@@ -480,14 +566,10 @@ def run_longest(args, budget: Budget, work: str, frameworks: list[str]) -> dict[
         later = len(frameworks) - index - 1
 
         def probe(length: int, framework=framework, later=later) -> dict[str, Any]:
-            result = run_framework(framework, probe_setting(length), args, work, prompts,
-                                   _child_timeout(args, budget, later, probe=True), warmup=0, steps=1, probe=True)
-            outcome = result["status"] if result["status"] in ("ok", "oom", "timeout") else "error"
-            if outcome == "ok" and not result.get("steps"):
-                outcome = "error"
-            return {"length": length, "outcome": outcome, "error": result.get("error"),
-                    "seconds": result.get("wall_s"), "kv_cache_tokens": result.get("kv_cache_tokens"),
-                    "peak_device_gib": result.get("train_peak_device_gib"), "log": result.get("log")}
+            result = run_framework(framework, probe_setting_for(length, args.probe_generations), args, work,
+                                   prompts, _child_timeout(args, budget, later, probe=True), warmup=0, steps=1,
+                                   probe=True)
+            return {**probe_record(result), "length": length}
 
         def can_probe(length: int, later=later) -> bool:
             return _child_timeout(args, budget, later, probe=True) >= MIN_CHILD_S
@@ -526,7 +608,9 @@ def report(runs: list[dict[str, Any]], probes: dict[str, list[dict[str, Any]]]) 
             kv = [p.get("kv_cache_tokens") for p in probes[framework] if p.get("kv_cache_tokens")]
             kv += [run.get("kv_cache_tokens") for run in runs if run["framework"] == framework
                    and run.get("kv_cache_tokens")]
-            bounds[framework] = kv_bound(max(kv), probe_setting(1).prompt_length) if kv else None
+            # the benchmark's group of 8, whatever the probes' count: what a real rollout would need resident
+            bounds[framework] = (kv_bound(max(kv), probe_setting(1).prompt_length, ISSUE_GENERATIONS)
+                                 if kv else None)
         print("\n" + longest_table(longest, bounds))
         out["longest"] = longest
         out["kv_bounds"] = bounds
@@ -547,6 +631,14 @@ def merge_main(paths: list[str], json_path: str | None) -> int:
             runs[(run["framework"], run.get("setting", {}).get("name"), bool(run.get("probe")))] = run
         for framework, found in (data.get("probes") or {}).items():
             probes.setdefault(framework, []).extend(found)
+    # a probe process's own JSON (left under $OUT when the invocation was stopped before recording it)
+    for (framework, _, probe), run in runs.items():
+        if not probe:
+            continue
+        record = probe_record(run)
+        if record["length"] is not None and all(p.get("length") != record["length"]
+                                                for p in probes.get(framework, [])):
+            probes.setdefault(framework, []).append(record)
     ordered = sorted(runs.values(), key=lambda r: (r.get("setting", {}).get("name", ""), r["framework"]))
     summary = report(ordered, probes)
     if json_path:
@@ -561,7 +653,9 @@ def dry_run(args, settings: list[Setting], frameworks: list[str]) -> int:
     from vs_trl_setup import rlcore_configs, setting_mismatches, trl_config, trl_lora_config
 
     extra = {} if torch.cuda.is_available() else {"use_cpu": True}
-    for setting in settings + ([probe_setting(args.longest_start)] if not args.skip_longest else []):
+    probes = [] if args.skip_longest else [probe_setting_for(length, args.probe_generations)
+                                           for length in args.probe_lengths or [args.longest_start]]
+    for setting in ([] if args.longest_only else settings) + probes:
         model_config, grpo_config = rlcore_configs(setting, args.model_dir, "/tmp/vs_trl_dry", 1,
                                                    overrides=args.rlcore_overrides)
         mismatches = setting_mismatches(model_config, grpo_config,
@@ -569,8 +663,11 @@ def dry_run(args, settings: list[Setting], frameworks: list[str]) -> int:
         print(f"{setting.name}: generation batch {setting.generation_batch}, micro-batch {setting.micro_batch}, "
               f"gradient accumulation {setting.gradient_accumulation_steps}, max_model_len {setting.max_model_len}; "
               f"settings {'identical' if not mismatches else 'DIFFERENT: ' + repr(mismatches)}")
-    print(f"would run: {', '.join(frameworks)} × {', '.join(s.name for s in settings)}; warm-up {args.warmup}, "
-          f"measured {args.steps}; longest search {'off' if args.skip_longest else 'on'}; "
+    measured = "none" if args.longest_only else ", ".join(s.name for s in settings)
+    longest = "off" if args.skip_longest else (
+        f"probes at {', '.join(f'{n:,}' for n in args.probe_lengths)}" if args.probe_lengths else "search")
+    print(f"would run: {', '.join(frameworks)} × {measured}; warm-up {args.warmup}, measured {args.steps}; "
+          f"longest completion: {longest}, {args.probe_generations} completions per probe; "
           f"budget {args.budget_s or 'none'} s")
     return 0
 
@@ -586,7 +683,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="16x8x512 only, 1 warm-up + 2 measured steps, no length search, 525 s budget")
     parser.add_argument("--skip-longest", action="store_true")
     parser.add_argument("--longest-only", action="store_true", help="only the longest-completion search")
-    parser.add_argument("--probe-lengths", default="", help="probe exactly these lengths (comma list), no search")
+    parser.add_argument("--probe-lengths", default="",
+                        help="probe exactly these lengths (comma list), no search; two or more passing lengths "
+                             "give the estimate from the training-phase peak")
+    parser.add_argument("--probe-generations", type=int, default=ISSUE_GENERATIONS,
+                        help="completions per probe (>= 2; default 8, the benchmark's setting): the training-phase "
+                             "peak does not depend on it, the log-prob pass time is proportional to it")
     parser.add_argument("--longest-start", type=int, default=8192)
     parser.add_argument("--longest-max", type=int, default=262144)
     parser.add_argument("--longest-granularity", type=int, default=8192)
@@ -616,7 +718,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.reserve_s = args.reserve_s or 190
         args.budget_s = min(args.budget_s, QUICK_BUDGET_S) if args.budget_s else QUICK_BUDGET_S
     args.settings = [SETTINGS[name] for name in dict.fromkeys(args.setting or list(SETTINGS))]
-    args.probe_lengths = [int(x) for x in args.probe_lengths.split(",") if x.strip()]
+    try:
+        args.probe_lengths = [int(x) for x in args.probe_lengths.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--probe-lengths expects comma-separated integers, got {args.probe_lengths!r}")
+    if any(length < 1 for length in args.probe_lengths):
+        parser.error(f"--probe-lengths must be positive, got {args.probe_lengths}")
+    if args.probe_generations < 2:
+        parser.error(f"--probe-generations must be at least 2 (GRPO's advantages compare completions of one "
+                     f"prompt), got {args.probe_generations}")
     overrides = {}
     for item in args.rlcore_set:
         key, sep, value = item.partition("=")
@@ -650,7 +760,7 @@ def main(argv: list[str]) -> int:
     args.log_dir = os.environ.get("OUT") or work
     os.makedirs(args.log_dir, exist_ok=True)
     output: dict[str, Any] = {"argv": argv, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                              "runs": [], "probes": {}}
+                              "probe_generations": args.probe_generations, "runs": [], "probes": {}}
 
     def save() -> None:
         if args.json:

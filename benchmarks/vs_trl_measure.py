@@ -3,7 +3,8 @@ weight bytes, synthetic rollouts and failure classes.
 
 Both frameworks are measured with the same instruments, attached to the same kind of object: the phase clock
 wraps methods of the live objects (``vllm.LLM.generate`` / ``sleep`` / ``wake_up``, each framework's weight
-sync), and the step clock brackets one optimizer step. No framework's own timing is trusted for the table.
+sync) and each framework's training work (its no-grad log-prob pass, its forward + loss + backward), and the
+step clock brackets one optimizer step. No framework's own timing is trusted for the table.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 GIB = 2**30
 PHASES = ("generate", "weight_sync", "standby")  # everything else in a step is "train + rest"
+# inside "train + rest": labelled so that device-memory peaks of training are told apart from the moments the
+# inference engine's KV cache is mapped (before and during generation)
+TRAINING_PHASES = ("logprob_pass", "forward_backward")
 
 
 class PhaseClock:
@@ -87,6 +91,14 @@ class PhaseClock:
         return dict(self.totals)
 
 
+def logprob_label(*args, **kwargs) -> str:
+    """A log-prob computation under ``torch.no_grad()`` is the no-grad pass over the generation (old-policy
+    log-probs for importance sampling); with gradients on it is the training forward."""
+    import torch
+
+    return "forward_backward" if torch.is_grad_enabled() else "logprob_pass"
+
+
 def wake_up_label(*args, tags: list[str] | None = None, **kwargs) -> str:
     """``LLM.wake_up(tags=["weights"])`` re-maps weights that are about to be overwritten: part of the weight
     sync. Waking the KV cache (or everything) is standby."""
@@ -145,6 +157,11 @@ class DeviceMemorySampler:
             self.window_phase_peaks[self.label] = max(self.window_phase_peaks.get(self.label, 0), used)
         return used
 
+    def phase_peaks_gib(self) -> dict[str, float]:
+        """Peak per phase label since the start, in GiB (a copy: the sampling thread keeps writing)."""
+        with self._lock:
+            return {label: peak / GIB for label, peak in self.phase_peaks.items()}
+
     def new_window(self) -> None:
         with self._lock:
             self.window_peak = 0
@@ -168,12 +185,30 @@ class DeviceMemorySampler:
             self._thread.join(timeout=1.0)
 
 
+def label_follower(sampler: DeviceMemorySampler) -> Callable[[str], None]:
+    """A :class:`PhaseClock` ``on_change`` that points ``sampler`` at the innermost active label, reading the
+    device first: each phase's start and end are sampled and charged to the label that ends there, so a phase
+    shorter than the polling interval still has its memory seen (PyTorch's cache keeps a phase's high-water
+    mark in use until the phase ends)."""
+
+    def on_change(label: str) -> None:
+        try:
+            sampler.sample()
+        except Exception:  # noqa: BLE001 - a failed read must not stop the run being measured
+            pass
+        sampler.label = label
+
+    return on_change
+
+
 @dataclass
 class StepRecorder:
     """One record per optimizer step: wall time, the phase clock's exclusive times, generated tokens, peaks.
 
-    ``train_and_rest_s`` is the step minus generate, weight sync and standby: rewards, the no-grad log-prob
-    pass, forward+backward, the optimizer step and each framework's bookkeeping.
+    ``train_and_rest_s`` is the step minus generate, weight sync and standby (:data:`PHASES`): rewards, the
+    no-grad log-prob pass, forward+backward, the optimizer step and each framework's bookkeeping. Labels other
+    than :data:`PHASES` (the :data:`TRAINING_PHASES`) split it further but are not subtracted from it:
+    ``logprob_pass_s`` and ``forward_backward_s`` are parts of ``train_and_rest_s``.
     """
 
     clock: PhaseClock
@@ -205,7 +240,10 @@ class StepRecorder:
         record: dict[str, Any] = {"step_s": elapsed}
         for phase in PHASES:
             record[f"{phase}_s"] = deltas.get(phase, 0.0)
-        record["train_and_rest_s"] = elapsed - sum(deltas.values())
+        # exclusive times partition the step, so the step minus the three non-training phases is everything else
+        record["train_and_rest_s"] = elapsed - sum(deltas.get(phase, 0.0) for phase in PHASES)
+        for phase in TRAINING_PHASES:
+            record[f"{phase}_s"] = deltas.get(phase, 0.0)
         record["generated_tokens"] = self.clock.generated_tokens - self._tokens
         if self.sampler is not None:
             self.sampler.sample()

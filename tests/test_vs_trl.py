@@ -12,8 +12,10 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import asdict
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +249,53 @@ def test_step_recorder_splits_a_step_and_tracks_peaks():
     assert recorder.steps == [record, second]
 
 
+def test_training_labels_split_train_and_rest_and_keep_their_own_memory_peak():
+    """Training work labelled as phases (nested as in TRL: the log-probs with grad inside compute_loss, a
+    standby call inside a training call) adds logprob_pass_s / forward_backward_s without shrinking
+    train_and_rest_s, and the training-phase peak leaves out the KV cache mapped before and during generation."""
+    now = FakeTime()
+    device = {"used": 127.0}
+    sampler = measure.DeviceMemorySampler(lambda: int(device["used"] * 2**30))
+    clock = measure.PhaseClock(now=now, on_change=measure.label_follower(sampler))
+    recorder = measure.StepRecorder(clock, sampler, now=now)
+    recorder.begin()                                    # KV cache mapped: 127 GiB, label "other"
+    with clock.phase("generate"):
+        now.t += 3.0
+    with clock.phase("standby"):
+        now.t += 0.5
+        device["used"] = 20.0                           # the engine sleeps: only read as the phase ends
+    with clock.phase("logprob_pass"):
+        now.t += 4.0
+        device["used"] = 31.0
+    now.t += 0.25                                       # rewards, bookkeeping: no label
+    with clock.phase("forward_backward"):               # compute_loss
+        now.t += 1.0
+        with clock.phase("forward_backward"):           # the log-probs with grad, inside it
+            now.t += 2.0
+            device["used"] = 45.5
+        with clock.phase("standby"):
+            now.t += 0.5
+    record = recorder.end()
+    assert record["step_s"] == 11.25
+    assert (record["generate_s"], record["standby_s"], record["weight_sync_s"]) == (3.0, 1.0, 0.0)
+    assert record["logprob_pass_s"] == 4.0 and record["forward_backward_s"] == 3.0
+    # the step minus generate, weight sync and standby: 4 + 0.25 + 3 (subtracting every label would leave 0.25)
+    assert record["train_and_rest_s"] == 7.25
+    peaks = record["phase_peak_device_gib"]
+    assert peaks["generate"] == 127.0 and peaks["standby"] == 45.5 and record["peak_device_gib"] == 127.0
+    assert peaks["logprob_pass"] == 31.0 and peaks["forward_backward"] == 45.5
+    assert report.train_phase_peak(peaks) == 45.5
+    assert report.train_phase_peak({"other": 127.0, "generate": 127.0}) is None
+    assert sampler.phase_peaks_gib()["logprob_pass"] == 31.0
+    assert report.TRAINING_PHASES == measure.TRAINING_PHASES  # the report's copy (it imports nothing)
+
+
+def test_trl_log_prob_label_follows_grad_mode():
+    assert measure.logprob_label("model", input_ids=None) == "forward_backward"
+    with torch.no_grad():
+        assert measure.logprob_label("model", input_ids=None) == "logprob_pass"
+
+
 def test_unique_weight_bytes_counts_shared_storage_once():
     engine = torch.nn.Linear(16, 24, bias=False)
     shared, copied = torch.nn.Module(), torch.nn.Module()
@@ -306,8 +355,10 @@ def test_trl_step_window_contains_generation_and_agrees_with_trl_step_time(tmp_p
 
     path = _tiny()
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    setting = setup.Setting("tiny", num_prompts=2, num_generations=2, completion_length=8, prompt_length=16,
-                            micro_batch=2)
+    # the probes' shape: one micro-batch per optimizer step, so the second step trains on the buffered generation
+    # and the first runs TRL's no-grad old-log-prob pass (gradient_accumulation_steps 1 < steps_per_generation 2)
+    setting = setup.Setting("tiny", num_prompts=1, num_generations=2, completion_length=8, prompt_length=16,
+                            micro_batch=1, accumulate=False)
     config = setup.trl_config(setting, str(tmp_path), 2, use_cpu=True, use_vllm=False, bf16=False,
                               model_init_kwargs={"dtype": "float32"})
     clock = measure.PhaseClock()
@@ -318,13 +369,22 @@ def test_trl_step_window_contains_generation_and_agrees_with_trl_step_time(tmp_p
                               peft_config=setup.trl_lora_config(),
                               callbacks=[measure.trainer_step_callback(recorder)])
     clock.wrap(trainer, "_generate_single_turn", "generate")
+    vs_trl.label_trl_training(clock, trainer)
     trainer.train()
     assert len(recorder.steps) == 2
     trl_step_times = [log["step_time"] for log in trainer.state.log_history if "step_time" in log]
     for record, theirs in zip(recorder.steps, trl_step_times, strict=True):
-        assert record["generate_s"] > 0 and record["train_and_rest_s"] > 0
         # TRL's own step_time sums its training_step calls (generation included): inside our window
         assert theirs <= record["step_s"] + 1e-3 and record["step_s"] - theirs < 1.0
+        assert record["forward_backward_s"] > 0
+        # the training labels are parts of train + rest, not taken out of it
+        assert record["train_and_rest_s"] >= record["logprob_pass_s"] + record["forward_backward_s"] - 1e-9
+    first, second = recorder.steps
+    assert first["generate_s"] > 0 and first["logprob_pass_s"] > 0
+    assert second["generate_s"] == 0 and second["logprob_pass_s"] == 0
+    # the wrapped methods are the ones TRL calls through the instance: once for the no-grad pass of the one
+    # generation; per step compute_loss, the log-probs with grad inside it, and accelerator.backward
+    assert clock.counts["logprob_pass"] == 1 and clock.counts["forward_backward"] == 2 * 3
 
 
 def test_rlcore_training_steps_are_recorded(tmp_path):
@@ -332,18 +392,26 @@ def test_rlcore_training_steps_are_recorded(tmp_path):
 
     clock = measure.PhaseClock()
     recorder = measure.StepRecorder(clock)
+    # the probes' shape, as in the TRL test above: two optimizer steps read one generation
     trainer = GRPOTrainer(ModelConfig(model_name_or_path="tiny", engine="hf", dtype="float32"),
                           reward_funcs=[setup.parity_reward], train_dataset=[{"prompt": "What is 2 + 3?"}] * 4,
-                          args=GRPOConfig(num_generations=2, per_device_train_batch_size=2, max_steps=2,
-                                          max_completion_length=4, output_dir=str(tmp_path), report_to="none"),
+                          args=GRPOConfig(num_generations=2, per_device_train_batch_size=1, steps_per_generation=2,
+                                          gradient_accumulation_steps=1, max_steps=2, max_completion_length=4,
+                                          output_dir=str(tmp_path), report_to="none"),
                           show_progress=False)
     clock.wrap(trainer.engine, "generate", "generate")
+    vs_trl.label_rlcore_training(clock, trainer)
     measure.record_each_call(trainer, "training_step", recorder)
     trainer.train()
     assert len(recorder.steps) == 2
     for record in recorder.steps:
-        assert record["generate_s"] > 0 and record["train_and_rest_s"] > 0
-        assert "loss" in record["framework_metrics"]
+        assert record["forward_backward_s"] > 0 and "loss" in record["framework_metrics"]
+        assert record["train_and_rest_s"] >= record["logprob_pass_s"] + record["forward_backward_s"] - 1e-9
+    first, second = recorder.steps
+    assert first["generate_s"] > 0 and first["logprob_pass_s"] > 0
+    assert second["generate_s"] == 0 and second["logprob_pass_s"] == 0
+    # called through the instance: the old-policy pass once for the one generation, one micro-step per step
+    assert clock.counts["logprob_pass"] == 1 and clock.counts["forward_backward"] == 2
 
 
 # ---------------------------------------------------------------------- summaries and tables
@@ -438,6 +506,83 @@ def test_probes_from_several_runs_combine():
     assert "| rlcore | 131,072 | – |" in table
 
 
+# ---------------------------------------------------------------------- estimate from the training-phase peak
+def _probe(length, peak, outcome="ok", total=140.0, generations=2):
+    return {"length": length, "outcome": outcome, "train_phase_peak_gib": peak, "device_total_gib": total,
+            "num_generations": generations}
+
+
+def test_memory_estimate_of_an_exact_line():
+    # peak = 16 GiB + 1 GiB per 1,024 tokens; limit 140 - 2 GiB: (138 - 16) × 1024
+    probes = [_probe(16384, 32.0), _probe(32768, 48.0), _probe(65536, 80.0),
+              _probe(131072, None, "timeout"), _probe(8192, 999.0, "oom")]  # failures are not points
+    found = report.memory_estimate(probes)
+    assert found["length"] == 124928 and found["reason"] is None
+    assert (found["intercept_gib"], found["slope_gib_per_token"]) == (16.0, 1 / 1024)
+    assert found["limit_gib"] == 138.0 and found["lengths"] == [16384, 32768, 65536]
+    assert found["max_residual_gib"] == 0.0
+    assert report.memory_estimate(probes, device_total_gib=100.0, margin_gib=0.0)["length"] == 86016
+
+
+def test_memory_estimate_is_least_squares():
+    rng = np.random.default_rng(0)
+    lengths = np.array([8192, 16384, 16384, 32768, 49152], dtype=float)
+    peaks = 20.0 + 0.0007 * lengths + rng.normal(0.0, 0.4, lengths.size)
+    found = report.memory_estimate([_probe(int(n), float(p)) for n, p in zip(lengths, peaks, strict=True)])
+    slope, intercept = np.polyfit(lengths, peaks, 1)  # an independent least-squares fit
+    assert found["slope_gib_per_token"] == pytest.approx(slope, rel=1e-9)
+    assert found["intercept_gib"] == pytest.approx(intercept, rel=1e-9)
+    assert found["length"] == int(np.floor((138.0 - intercept) / slope))
+    assert found["max_residual_gib"] == pytest.approx(np.abs(peaks - intercept - slope * lengths).max())
+
+
+@pytest.mark.parametrize("probes, reason", [
+    ([], "no passing probe"),
+    ([_probe(32768, 40.0), _probe(32768, 41.0), _probe(65536, 90.0, "timeout")], "one length only (32,768)"),
+    ([_probe(16384, 50.0), _probe(32768, 45.0)], "does not grow"),
+    ([_probe(16384, 40.0), _probe(32768, 40.0)], "does not grow"),
+    ([_probe(16384, 150.0), _probe(32768, 160.0)], "above 138.0 GiB"),
+    ([_probe(16384, 30.0, total=None), _probe(32768, 40.0, total=None)], "device total"),
+])
+def test_memory_estimate_says_why_it_has_none(probes, reason):
+    found = report.memory_estimate(probes)
+    assert found["length"] is None and reason in found["reason"]
+
+
+def test_longest_table_shows_the_estimate_column():
+    probes = {"rlcore": [_probe(16384, 32.0), _probe(32768, 48.0)],
+              "trl": [_probe(32768, 60.0, generations=8), _probe(131072, None, "timeout", generations=8)]}
+    longest = {framework: report.longest_from_probes(found) for framework, found in probes.items()}
+    table = report.longest_table(longest, {"rlcore": 111000, "trl": None})
+    head = table.splitlines()[0]
+    assert "estimated from the training-phase peak" in head and "ESTIMATE" in head
+    assert "completions per probe" in head
+    assert ("| rlcore | 32,768 | – | 16,384: ok, 32,768: ok | 2 | 16,384: 32.0, 32,768: 48.0 | ≈ 124,928 "
+            "(peak ≈ 16.0 GiB + 0.977 GiB per 1k tokens reaches 138.0 GiB; 2 lengths) | 111,000 |") in table
+    assert "| TRL 1.16 colocate | 32,768 | 131,072 (timeout) |" in table
+    assert "| 8 | 32,768: 60.0 | – (training-phase peaks at one length only (32,768): a line needs two) |" in table
+    assert "device total minus 2 GiB" in table and "not a measured pass" in table
+
+
+def test_probe_records_from_finished_failed_and_stopped_processes():
+    setting = {"completion_length": 32768, "num_generations": 2}
+    finished = vs_trl.probe_record({
+        "status": "ok", "setting": setting, "device_total_gib": 139.8, "train_peak_device_gib": 127.0,
+        "steps": [{"step_s": 12.0, "logprob_pass_s": 3.8, "forward_backward_s": 7.0, "phase_peak_device_gib": {
+            "other": 127.0, "generate": 127.0, "standby": 82.5, "logprob_pass": 30.2, "forward_backward": 41.7}}]})
+    assert finished["outcome"] == "ok" and finished["length"] == 32768 and finished["num_generations"] == 2
+    assert finished["train_phase_peak_gib"] == 41.7 and finished["device_total_gib"] == 139.8
+    assert finished["train_phase_peaks_gib"] == {"logprob_pass": 30.2, "forward_backward": 41.7}
+    assert finished["peak_device_gib"] == 127.0 and finished["logprob_pass_s"] == 3.8
+    # an OOM: no step finished, the run's own per-label peaks are kept
+    failed = vs_trl.probe_record({"status": "oom", "setting": setting, "error": "OutOfMemoryError", "steps": [],
+                                  "phase_peak_device_gib": {"other": 127.0, "forward_backward": 139.1}})
+    assert failed["outcome"] == "oom" and failed["train_phase_peak_gib"] == 139.1
+    stopped = vs_trl.probe_record({"status": "running", "setting": setting, "steps": []})
+    assert stopped["outcome"] == "incomplete" and stopped["train_phase_peak_gib"] is None
+    assert vs_trl.probe_record({"status": "ok", "setting": setting, "steps": []})["outcome"] == "error"
+
+
 # ---------------------------------------------------------------------- command line
 def test_quick_mode_and_overrides_parse(tmp_path):
     args = vs_trl.parse_args(["--quick", "--rlcore-set", "activation_memory_gib=30", "--json", str(tmp_path / "x")])
@@ -449,6 +594,56 @@ def test_quick_mode_and_overrides_parse(tmp_path):
     assert [s.name for s in full.settings] == ["16x8x512", "1x8x4096"] and (full.warmup, full.steps) == (3, 3)
     assert full.probe_lengths == [32768, 65536]
     assert full.budget_s == vs_trl.DEFAULT_BUDGET_S < 600 and full.reserve_s == 0
+
+
+def test_probe_generations_reach_the_probe_setting(monkeypatch, tmp_path):
+    assert vs_trl.parse_args([]).probe_generations == 8
+    args = vs_trl.parse_args(["--longest-only", "--probe-generations", "2", "--probe-lengths", "16384,32768",
+                              "--model-dir", str(tmp_path)])
+    assert args.probe_generations == 2 and args.probe_lengths == [16384, 32768]
+    seen = []
+
+    def fake_process(framework, setting, args, work, prompts, timeout, *, warmup, steps, probe):
+        # a framework process's result (the GPU part), as run_framework returns it
+        seen.append((framework, setting, probe, steps))
+        peak = 10.0 + setting.completion_length / 1024
+        return {"framework": framework, "setting": asdict(setting), "status": "ok", "device_total_gib": 140.0,
+                "steps": [{"step_s": 1.0, "phase_peak_device_gib": {"generate": 127.0, "forward_backward": peak}}]}
+
+    monkeypatch.setattr(vs_trl, "run_framework", fake_process)
+    monkeypatch.setattr(vs_trl, "build_prompts", lambda model_dir, count, length: ["p"] * count)
+    probes = vs_trl.run_longest(args, vs_trl.Budget(None), str(tmp_path), ["trl", "rlcore"])
+    assert [(f, s.name, s.num_generations, s.completion_length, p, n) for f, s, p, n in seen] == [
+        ("trl", "1x2x16384", 2, 16384, True, 1), ("trl", "1x2x32768", 2, 32768, True, 1),
+        ("rlcore", "1x2x16384", 2, 16384, True, 1), ("rlcore", "1x2x32768", 2, 32768, True, 1)]
+    for setting in {s for _, s, _, _ in seen}:  # the rest of the probe shape is probe_setting's
+        reference = setup.probe_setting(setting.completion_length)
+        assert (setting.micro_batch, setting.accumulate, setting.num_prompts, setting.prompt_length) == \
+            (reference.micro_batch, reference.accumulate, reference.num_prompts, reference.prompt_length)
+    assert [(p["length"], p["num_generations"], p["train_phase_peak_gib"]) for p in probes["rlcore"]] == [
+        (16384, 2, 26.0), (32768, 2, 42.0)]
+    assert report.longest_from_probes(probes["trl"])["memory_estimate"]["length"] == (138 - 10) * 1024
+
+
+def test_two_completion_probes_get_identical_settings_in_both_frameworks():
+    probe = vs_trl.probe_setting_for(32768, 2)
+    model_config, grpo_config, trl_config, lora = _both(probe)
+    assert setup.setting_mismatches(model_config, grpo_config, trl_config, lora) == []
+    for config in (grpo_config, trl_config):
+        assert (config.num_generations, config.generation_batch_size, config.per_device_train_batch_size) == (2, 2, 1)
+        assert (config.steps_per_generation, config.gradient_accumulation_steps) == (2, 1)
+    assert vs_trl.probe_setting_for(4096) == setup.probe_setting(4096)  # the default is the benchmark's 8
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--probe-generations", "1"], "--probe-generations must be at least 2"),
+    (["--probe-lengths", "16k"], "--probe-lengths expects comma-separated integers"),
+    (["--probe-lengths", "0,8192"], "--probe-lengths must be positive"),
+])
+def test_bad_probe_options_are_named(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        vs_trl.parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_merge_combines_runs_and_probes(tmp_path, capsys):
@@ -469,3 +664,15 @@ def test_merge_combines_runs_and_probes(tmp_path, capsys):
     merged = json.load(open(tmp_path / "merged.json"))
     assert len(merged["runs"]) == 3 and merged["longest"]["trl"]["longest_ok"] == 8192
     assert "| 1x8x4096 | rlcore | 12.00 |" in out
+
+
+def test_merge_reads_probe_processes_of_a_stopped_invocation(capsys):
+    """The H200 probes of 2026-12-02: each framework trained at 32,768; the longer probe was stopped from outside
+    before its step ended (only its process's own JSON came back), and no training-phase peak was recorded."""
+    directory = os.path.join(ROOT, "benchmarks", "runs", "2026-12-02-longest")
+    paths = sorted(os.path.join(directory, name) for name in os.listdir(directory) if name.endswith(".json"))
+    assert vs_trl.merge_main(paths, None) == 0
+    out = capsys.readouterr().out
+    assert "| rlcore | 32,768 | 262,144 (incomplete) | 32,768: ok, 262,144: incomplete | 8 | – |" in out
+    assert "| TRL 1.16 colocate | 32,768 | 131,072 (incomplete) |" in out
+    assert "– (no passing probe recorded a training-phase peak)" in out
