@@ -72,8 +72,12 @@ class RunSpec:
     def label(self) -> str:
         if self.engine == "trl":
             return "TRL 1.16 (colocated vLLM, sleep mode)"
-        engine = "vLLM (shared weights, standby" + (", CUDA graphs)" if self.graphs else ")") \
-            if self.engine == "vllm" else "transformers generate"
+        if self.engine == "hf":
+            engine = "transformers generate"
+        elif self.graphs:
+            engine = "vLLM (shared weights, standby, CUDA graphs)"
+        else:
+            engine = "vLLM (shared weights, standby)"
         return f"rlcore, {engine}" + ("" if self.dtype == "bfloat16" else f", {self.dtype}")
 
 
