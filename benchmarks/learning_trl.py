@@ -2,10 +2,13 @@
 
 TRL gets the settings of ``examples/arithmetic_grpo.py`` (:func:`trl_arithmetic_config` maps them name by name;
 ``tests/test_learning_benchmarks.py`` checks the mapping field by field with :func:`setting_mismatches`), the same
-prompts (each framework shuffles them with its own generator from the same seed, so the order differs, as do the
-sampling streams: one run per framework is one trajectory each), the same two rewards with the same weights (rlcore's reward classes are TRL-style
-callables), the same LoRA and the same seed. On the GPU it runs as users run it: ``use_vllm=True,
-vllm_mode="colocate", vllm_enable_sleep_mode=True``, bf16, gradient checkpointing.
+prompts in the same order: step k of either run generates for the same prompts. rlcore's own sampler
+(:class:`rlcore.batching.PromptSampler`, a seeded permutation per epoch) picks them (:func:`rlcore_prompt_order`);
+TRL gets the rows already in that order, one row per prompt generated, and ``shuffle_dataset=False``, so its
+RepeatSampler takes them as they come (the one setting set differently on purpose). The sampling streams still
+differ: one run per framework is one trajectory each. The same two rewards with the same weights (rlcore's reward
+classes are TRL-style callables), the same LoRA and the same seed. On the GPU it runs as users run it:
+``use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=True``, bf16, gradient checkpointing.
 
 What is measured, the same way as for rlcore's runs (:func:`make_budget_callback`):
 
@@ -44,7 +47,7 @@ SAME_NAMED = ("learning_rate", "lr_scheduler_type", "weight_decay", "max_grad_no
               "vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
               "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max", "delta",
               "sapo_temperature_neg", "sapo_temperature_pos", "off_policy_mask_threshold", "use_bias_correction_kl",
-              "shuffle_dataset", "gradient_checkpointing", "seed", "max_steps")
+              "gradient_checkpointing", "seed", "max_steps")
 
 # rlcore's metric names for the same quantities in TRL's logs (TRL's own keys are kept too)
 RLCORE_NAMES = {"reward_mean": "reward", "mismatch_logp_diff_mean": "sampling/sampling_logp_difference/mean",
@@ -72,6 +75,8 @@ def trl_arithmetic_config(model_config, grpo_config, rewards, output_dir: str, *
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         log_completions=False,
+        # the rows come in rlcore's order (trl_train_rows): TRL's sampler must not shuffle them again
+        shuffle_dataset=False,
     )
     if smoke:
         fields.update(use_vllm=False, use_cpu=True, bf16=False,
@@ -88,9 +93,15 @@ def trl_arithmetic_config(model_config, grpo_config, rewards, output_dir: str, *
 
 
 def setting_mismatches(model_config, grpo_config, rewards, trl_args, lora) -> list[tuple[str, Any, Any]]:
-    """Every (setting, rlcore value, TRL value) the two arithmetic runs could differ in; empty when identical."""
+    """Every (setting, rlcore value, TRL value) the two arithmetic runs could differ in; empty when identical.
+
+    ``shuffle_dataset`` differs on purpose: TRL's rows come already in rlcore's order (:func:`trl_train_rows`,
+    shuffled or not as rlcore's ``shuffle_dataset`` says), so TRL must keep them as they are: any TRL value but
+    False is reported, whatever rlcore's.
+    """
     pairs = [(name, getattr(grpo_config, name), getattr(trl_args, name)) for name in SAME_NAMED]
     pairs += [
+        ("shuffle_dataset (TRL: off, its rows come in rlcore's order)", False, trl_args.shuffle_dataset),
         ("epsilon_high", grpo_config.epsilon_high,
          trl_args.epsilon if trl_args.epsilon_high is None else trl_args.epsilon_high),
         ("min_p", grpo_config.min_p or 0.0, trl_args.min_p or 0.0),
@@ -106,6 +117,36 @@ def setting_mismatches(model_config, grpo_config, rewards, trl_args, lora) -> li
                   ("max_model_len", model_config.max_seq_length, trl_args.vllm_max_model_length)]
     plain = [(name, getattr(a, "value", a), getattr(b, "value", b)) for name, a, b in pairs]
     return [(name, a, b) for name, a, b in plain if a != b]
+
+
+def rlcore_prompt_order(grpo_config, dataset_size: int) -> list[int]:
+    """The dataset row of every prompt rlcore's trainer generates for, generation after generation, over a whole
+    run of ``grpo_config`` on ``dataset_size`` rows: generation g's prompts are entries [g·P, (g+1)·P) with
+    P = ``prompts_per_generation`` = generation_batch_size / num_generations.
+
+    Read from rlcore's own :class:`~rlcore.batching.PromptSampler` (each epoch a fresh permutation seeded by
+    (seed, epoch), whole generations only) and :class:`~rlcore.batching.BatchSchedule` (the generations the last
+    optimizer step reads), built as :class:`rlcore.trainer.GRPOTrainer` builds them for one process.
+    """
+    from rlcore.batching import BatchSchedule, PromptSampler
+
+    schedule = BatchSchedule(grpo_config)
+    sampler = PromptSampler(dataset_size, grpo_config.prompts_per_generation, grpo_config.num_generations,
+                            grpo_config.seed, grpo_config.shuffle_dataset)
+    steps = schedule.total_optimizer_steps(dataset_size, grpo_config.max_steps, grpo_config.num_train_epochs)
+    generations = schedule.micro_steps_for_optimizer_step(steps - 1)[-1].generation + 1
+    return [row for generation in range(generations) for row in sampler.prompt_indices(generation)]
+
+
+def trl_train_rows(rows: list[dict[str, Any]], grpo_config) -> list[dict[str, Any]]:
+    """TRL's training rows for the run: ``rows`` in rlcore's order (:func:`rlcore_prompt_order`, epochs included).
+
+    With ``shuffle_dataset=False`` TRL 1.16's RepeatSampler cuts its dataset into consecutive chunks of
+    generation_batch_size / num_generations rows and generation g takes chunk g (each row num_generations times),
+    the chunk replayed for steps_per_generation × num_iterations micro-steps; so TRL's generation g, and with it
+    its optimizer step k, gets the prompts of rlcore's generation g. The list is a whole number of chunks and lasts the run.
+    """
+    return [rows[index] for index in rlcore_prompt_order(grpo_config, len(rows))]
 
 
 def trl_lora_config(model_config):
@@ -273,8 +314,8 @@ def phase_trl(options) -> int:
                                   lambda m: heldout_accuracy(m, tokenizer, heldout, max_tokens), metrics_path)
     # as users call it: the model's path, TRL loads it (model_init_kwargs) and wraps it with PEFT
     trainer = GRPOTrainer(model=options.model_dir, reward_funcs=[as_trl_reward(r) for r in example.rewards],
-                          args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          peft_config=lora, callbacks=[budget])
+                          args=args, train_dataset=Dataset.from_list(trl_train_rows(rows, grpo_config)),
+                          processing_class=tokenizer, peft_config=lora, callbacks=[budget])
     setup_seconds = time.perf_counter() - started
     print(f"TRL {trl.__version__} GRPO: set up in {setup_seconds:.1f} s; up to {steps} steps or "
           f"{options.seconds:.0f} s of steps", flush=True)
@@ -286,7 +327,7 @@ def phase_trl(options) -> int:
         "grpo_seconds": time.perf_counter() - grpo_started, "setup_seconds": setup_seconds,
         "train_seconds": budget.train_seconds, "eval_seconds": budget.eval_seconds, "wall": budget.wall,
         "stopped_by_budget": budget.stopped_by_budget, "budget_seconds": options.seconds,
-        "settings": {name: str(getattr(args, name)) for name in SAME_NAMED},
+        "settings": {name: str(getattr(args, name)) for name in (*SAME_NAMED, "shuffle_dataset")},
         "config": {"trl": {k: str(v) for k, v in args.to_dict().items()}},
         "versions": {**versions(), "trl": trl.__version__}, "device": device_name(torch),
     }

@@ -268,7 +268,11 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, 
     add("RL step: train s", "step", "train_s")
     add("RL step tok/s (completion tokens / step)", "step", "step_tok_s")
     add("train/inference mean |Δlogp| (dummy weights)", "step", "mismatch_logp_diff_mean")
-    add("maxbatch: sequences", "maxbatch", "sequences")
+    add("maxbatch: sequences (largest generation batch the KV cache holds)", "maxbatch", "sequences")
+    add("maxbatch: RL step s", "maxbatch", "step_s")
+    add("maxbatch: generate s", "maxbatch", "generate_s")
+    add("maxbatch: train s", "maxbatch", "train_s")
+    add("maxbatch: generation tok/s", "maxbatch", "generate_tok_s")
     add("maxbatch: RL step tok/s", "maxbatch", "step_tok_s")
     longest = {dtype: longest_summary(result) for dtype, result in results.items()}
     if any(value is not None for value, _ in longest.values()):
@@ -628,7 +632,9 @@ class _Child:
     def phase_maxbatch(self) -> None:
         args = self.args
         kv = self.engine.kv_cache_tokens or 0
-        sequences = min(args.maxbatch_cap, kv // (args.prompt_len + args.step_len))
+        # 2% of the cache left free: a batch that fills it exactly would have vLLM preempt and recompute sequences
+        # (cache blocks are allocated per 16 tokens), which measures the scheduler, not the dtype
+        sequences = min(args.maxbatch_cap, int(kv * 0.98) // (args.prompt_len + args.step_len))
         sequences = sequences // args.generations * args.generations
         if sequences < args.generations:
             self.result["maxbatch"] = {"skipped": f"KV cache of {kv} tokens holds fewer than one group"}

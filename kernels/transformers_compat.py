@@ -126,3 +126,22 @@ def rebuild_rotary_embedding(module: nn.Module, config: Any, device: torch.devic
 def name_or_path(config: Any) -> str:
     """Where a model was loaded from: the private ``PretrainedConfig._name_or_path`` ("" when unknown)."""
     return str(getattr(config, "_name_or_path", "") or "")
+
+
+def config_without_quantization(path: str, trust_remote_code: bool = False) -> Any:
+    """The config of checkpoint ``path`` with its ``quantization_config`` attribute removed.
+
+    ``from_pretrained(path, config=...)`` picks its quantizer from the ``quantization_config`` of the config it is
+    given (``quantizers/auto.py: get_hf_quantizer``, 5.17 – 5.24); without one it loads the stored tensors into an
+    ordinary model, which is how rlcore reads an FP8 checkpoint without transformers' own FP8 integration (which
+    needs a GPU and would own the FP8 layers). Raises ``RuntimeError`` if the attribute can not be removed.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(config, "quantization_config", None) is not None:
+        raise RuntimeError(f"{type(config).__name__}.quantization_config could not be removed: the installed "
+                           "transformers differs from the 5.17 – 5.24 configs rlcore was written for")
+    return config

@@ -72,7 +72,7 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
                                  f"downloaded: the Hugging Face Hub is not reachable ({unreachable}). Use a local "
                                  "model directory, or 'tiny' for the tiny random test model.")
     path = resolve_model_path(model_config.model_name_or_path)
-    check_checkpoint_precision(path)
+    check_checkpoint_precision(path, model_config.dtype)
     tokenizer = load_tokenizer(path, model_config.trust_remote_code)
     engine_name = choose_engine(model_config)
     if model_config.load_format == "dummy" and engine_name != "vllm":
@@ -86,9 +86,6 @@ def load_policy(model_config: ModelConfig, grpo_config: GRPOConfig | None = None
         model = add_lora(base, model_config)
         engine.attach_policy(model)
     else:
-        if model_config.dtype == "float8":
-            raise ValueError("dtype='float8' needs engine='vllm' (FP8 weights live in vLLM's buffers); "
-                             "use dtype='bfloat16' with engine='hf'")
         base = load_base_model(path, model_config)
         model = add_lora(base, model_config)
         from rlcore.hf_engine import HFEngine
@@ -159,9 +156,14 @@ def load_base_model(path: str, model_config: ModelConfig):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(model_config, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_config.attn_implementation,
-            trust_remote_code=model_config.trust_remote_code)
+        if model_config.dtype == "float8":  # FP8Linear projections (bf16 compute on every device), the rest bf16
+            from rlcore.fp8_checkpoint import load_fp8_model
+
+            model = load_fp8_model(path, model_config.attn_implementation, model_config.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=model_config.attn_implementation,
+                trust_remote_code=model_config.trust_remote_code)
     except OSError as error:
         raise ModelLoadError(_not_found_message(path, error)) from None
     model.to(device)

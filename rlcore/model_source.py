@@ -81,9 +81,10 @@ def hub_unreachable(timeout: float = 3.0) -> str | None:
     return outcome[0] if outcome else f"{endpoint}: no answer within {timeout:g} s"
 
 
-def checkpoint_quantization(path: str) -> str | None:
-    """The ``quantization_config.quant_method`` of a local model directory's config.json (e.g. ``"fp8"``,
-    ``"compressed-tensors"``), or None for a 16-bit checkpoint, a Hub id or a directory without config.json."""
+def checkpoint_quantization_config(path: str) -> dict | None:
+    """The ``quantization_config`` of a local model directory's config.json (a dict; ``{"quant_method":
+    "unknown"}`` when it is not one), or None for a 16-bit checkpoint, a Hub id or a directory without
+    config.json."""
     import json
 
     config_path = os.path.join(path, "config.json")
@@ -97,19 +98,59 @@ def checkpoint_quantization(path: str) -> str | None:
     quantization = config.get("quantization_config") if isinstance(config, dict) else None
     if not quantization:
         return None
-    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+    return quantization if isinstance(quantization, dict) else {"quant_method": "unknown"}
 
 
-def check_checkpoint_precision(path: str) -> None:
-    """Raises :class:`ModelLoadError` for a pre-quantized checkpoint: rlcore shares one copy of the weights between
-    vLLM and the trainer for 16-bit checkpoints only (FP8 comes from vLLM quantizing one as it loads it)."""
-    method = checkpoint_quantization(path)
-    if method is not None:
+def checkpoint_quantization(path: str) -> str | None:
+    """The ``quantization_config.quant_method`` of a local model directory's config.json (e.g. ``"fp8"``,
+    ``"compressed-tensors"``), or None for a 16-bit checkpoint, a Hub id or a directory without config.json."""
+    quantization = checkpoint_quantization_config(path)
+    return None if quantization is None else str(quantization.get("quant_method", "unknown"))
+
+
+def fp8_checkpoint_format(path: str) -> dict | None:
+    """The ``quantization_config`` of a per-tensor FP8 checkpoint with dynamic activation scales (``quant_method
+    "fp8"``, ``activation_scheme "dynamic"``, no ``weight_block_size``: the format
+    :mod:`rlcore.fp8_checkpoint` writes), or None when ``path`` is not pre-quantized.
+
+    Raises :class:`ModelLoadError` naming the field for every other quantization: other FP8 variants (static
+    activation scales, block scales) and other methods (compressed-tensors, awq, gptq, bitsandbytes, ...).
+    """
+    quantization = checkpoint_quantization_config(path)
+    if quantization is None:
+        return None
+    method = str(quantization.get("quant_method", "unknown"))
+    if method != "fp8":
         raise ModelLoadError(
             f"model_name_or_path={path!r} is a pre-quantized checkpoint (config.json quantization_config."
-            f"quant_method={method!r}); rlcore trains from 16-bit checkpoints only. Give the bf16 or fp16 "
-            "checkpoint: with dtype='float8' vLLM quantizes it to FP8 as it loads it, and the trainer shares those "
-            "FP8 weights.")
+            f"quant_method={method!r}); rlcore trains from 16-bit checkpoints and from per-tensor FP8 ones "
+            "(quant_method='fp8') only. Give the bf16 or fp16 checkpoint: with dtype='float8' vLLM quantizes it to "
+            "FP8 as it loads it, and the trainer shares those FP8 weights.")
+    scheme = quantization.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ModelLoadError(
+            f"model_name_or_path={path!r}: config.json quantization_config.activation_scheme={scheme!r} is not "
+            "supported: vLLM would quantize activations with the checkpoint's static input scales while the "
+            "trainer quantizes them per token, so training and generation would compute different models. Use a "
+            "checkpoint with activation_scheme='dynamic', or the 16-bit one with dtype='float8'.")
+    if quantization.get("weight_block_size") is not None:
+        raise ModelLoadError(
+            f"model_name_or_path={path!r}: config.json quantization_config.weight_block_size="
+            f"{quantization['weight_block_size']!r} (block-quantized FP8) is not supported: rlcore's FP8 layers take "
+            "one scale per weight tensor. Give the 16-bit checkpoint with dtype='float8' (vLLM quantizes it per "
+            "tensor), or write a per-tensor one with python -m rlcore.fp8_checkpoint SOURCE TARGET.")
+    return quantization
+
+
+def check_checkpoint_precision(path: str, dtype: str) -> None:
+    """Raises :class:`ModelLoadError` for a checkpoint that ``dtype`` can not train on with one copy of the
+    weights: any pre-quantized checkpoint other than per-tensor FP8 (:func:`fp8_checkpoint_format`), and a
+    per-tensor FP8 one with a 16-bit ``dtype`` (it trains with ``dtype="float8"``)."""
+    if fp8_checkpoint_format(path) is not None and dtype != "float8":
+        raise ModelLoadError(
+            f"model_name_or_path={path!r} is a pre-quantized checkpoint (config.json quantization_config."
+            f"quant_method='fp8'), and dtype={dtype!r}; set dtype='float8' (load_in_fp8=True) to train on its FP8 "
+            "weights, or give the 16-bit checkpoint for bfloat16/float16.")
 
 
 def looks_like_local_path(name_or_path: str) -> bool:

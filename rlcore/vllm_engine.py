@@ -113,8 +113,9 @@ class VLLMEngine(RolloutEngine):
             trust_remote_code=model_config.trust_remote_code,
         )
         if model_config.dtype == "float8":
-            # vLLM quantizes the projections to FP8 as it loads them (bf16 activations); the trainer's layers
-            # are views of those FP8 weights and scales (rlcore.fp8_weights)
+            # vLLM quantizes the projections to FP8 as it loads them (bf16 activations), or reads a per-tensor FP8
+            # checkpoint's (config.json says quant_method "fp8" too); the trainer's layers are views of those FP8
+            # weights and scales (rlcore.fp8_weights)
             kwargs["quantization"] = "fp8"
         # under torchrun: this rank's own engine on its own GPU, inside the job's process group ({} otherwise)
         kwargs.update(distributed.vllm_engine_kwargs(kwargs["seed"]))

@@ -1,7 +1,8 @@
 """The CPU-checkable parts of ``benchmarks/learning_gpu.py`` and ``benchmarks/learning_trl.py``.
 
 ``--runs`` parsing; TRL 1.16's GRPOConfig built from ``examples/arithmetic_grpo.py``'s settings, with the
-comparison that must find any setting the two runs differ in; rlcore's rewards as TRL reward functions, called
+comparison that must find any setting the two runs differ in; TRL generating for rlcore's prompts step by step
+(rlcore's real ``training_step`` against TRL's real train dataloader); rlcore's rewards as TRL reward functions, called
 as TRL's GRPOTrainer calls them; the per-step recorder TRL's run uses, driven by transformers' own
 TrainerState/TrainerControl; and the whole benchmark's CPU smoke run (rlcore's HF engine and TRL side by side).
 """
@@ -190,10 +191,137 @@ def test_a_changed_trl_setting_is_found(example, tmp_path):
     model_config, grpo_config = _configs(example, tmp_path)
     lora = learning_trl.trl_lora_config(model_config)
     args = learning_trl.trl_arithmetic_config(model_config, grpo_config, example.rewards, str(tmp_path / "trl"),
-                                              smoke=True, num_generations=4, adam_beta2=0.99)
-    found = {name: (ours, theirs) for name, ours, theirs in
+                                              smoke=True, num_generations=4, adam_beta2=0.99, shuffle_dataset=True)
+    found = {name.split(" ")[0]: (ours, theirs) for name, ours, theirs in
              learning_trl.setting_mismatches(model_config, grpo_config, example.rewards, args, lora)}
-    assert found == {"num_generations": (8, 4), "adam_beta2": (0.999, 0.99)}
+    # TRL shuffling its rows again would undo rlcore's order, which they come in
+    assert found == {"num_generations": (8, 4), "adam_beta2": (0.999, 0.99), "shuffle_dataset": (False, True)}
+
+
+# ------------------------------------------------------------------------------------ the prompt order
+class _Generated(Exception):
+    """Raised where rlcore's trainer would start generating: the prompts were recorded, nothing is generated."""
+
+
+def _rlcore_step_prompts(trainer, steps: int) -> list[list[int]]:
+    """The dataset rows rlcore's real ``training_step(k)`` hands the engine for the generation step k reads."""
+    recorded: list[list[int]] = []
+
+    def record(generation, round_index, prompt_rows):
+        recorded.append(list(prompt_rows))
+        raise _Generated
+
+    trainer._generate_round = record
+    for step in range(steps):
+        with pytest.raises(_Generated):
+            trainer.training_step(step)
+    assert len(recorded) == steps
+    return recorded
+
+
+def _trl_step_prompts(trainer, steps: int) -> list[list[dict]]:
+    """The rows TRL 1.16 generates for at the first micro-step of each optimizer step, from its real train
+    dataloader: micro-step m gets batch m; it generates every steps_per_generation × num_iterations micro-steps
+    from that micro-step's batch (``GRPOTrainer._prepare_inputs``); optimizer step k runs micro-steps
+    [k·A, (k+1)·A) with A = gradient_accumulation_steps."""
+    args = trainer.args
+    generate_every = args.steps_per_generation * args.num_iterations
+    batches = []
+    for batch in trainer.get_train_dataloader():
+        batches.append(batch)
+        if len(batches) > (steps - 1) * args.gradient_accumulation_steps:
+            break
+    prompts = []
+    for step in range(steps):
+        micro = step * args.gradient_accumulation_steps
+        prompts.append(batches[micro - micro % generate_every])
+    return prompts
+
+
+def _key(row: dict) -> str:
+    return json.dumps(row, sort_keys=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path():
+    from rlcore.tiny_model import build_tiny_model
+
+    return build_tiny_model()
+
+
+def _both_trainers(example, tmp_path, tiny_model_path, rows, grpo_changes, trl_rows=None, **trl_extra):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer as TRLTrainer
+
+    from rlcore import ModelConfig
+    from rlcore.trainer import GRPOTrainer
+
+    grpo_config = example.config.replace(output_dir=str(tmp_path / "run"), seed=42, gradient_checkpointing=False,
+                                         **grpo_changes)
+    ours = GRPOTrainer(ModelConfig(model_name_or_path=tiny_model_path, engine="hf", dtype="float32"),
+                       reward_funcs=example.rewards, args=grpo_config, train_dataset=rows, show_progress=False)
+    args = learning_trl.trl_arithmetic_config(example.model, grpo_config, example.rewards, str(tmp_path / "trl"),
+                                              smoke=True, **trl_extra)
+    if trl_rows is None:
+        trl_rows = learning_trl.trl_train_rows(rows, grpo_config)
+    theirs = TRLTrainer(model=tiny_model_path, reward_funcs=[learning_trl.as_trl_reward(r) for r in example.rewards],
+                        args=args, train_dataset=Dataset.from_list(trl_rows),
+                        processing_class=AutoTokenizer.from_pretrained(tiny_model_path, padding_side="left"),
+                        peft_config=learning_trl.trl_lora_config(example.model))
+    return ours, theirs
+
+
+# (case, how many training rows, rlcore settings): the benchmark's run; a dataset so short that the steps cross
+# three epochs (40 rows, 16 prompts a generation: 8 rows left out of each epoch, a new permutation each); a
+# generation read over four optimizer steps (steps_per_generation=2 × num_iterations=2)
+ORDER_CASES = [
+    ("benchmark", None, {"max_steps": 200}),
+    ("epochs", 40, {"max_steps": 7}),
+    ("replayed-generation", 40, {"max_steps": 12, "per_device_train_batch_size": 64, "steps_per_generation": 2,
+                                 "num_iterations": 2}),
+]
+
+
+@pytest.mark.parametrize("rows_count, grpo_changes", [c[1:] for c in ORDER_CASES], ids=[c[0] for c in ORDER_CASES])
+def test_trl_generates_for_rlcores_prompts_step_by_step(example, tmp_path, tiny_model_path, rows_count,
+                                                        grpo_changes):
+    from collections import Counter
+
+    rows = example.dataset()[:rows_count]
+    ours, theirs = _both_trainers(example, tmp_path, tiny_model_path, rows, grpo_changes)
+    assert theirs.args.shuffle_dataset is False
+    steps = min(ours.total_steps, 12)
+    rlcore_prompts = _rlcore_step_prompts(ours, steps)
+    trl_prompts = _trl_step_prompts(theirs, steps)
+    generation = ours.args.num_generations
+    for step, (rlcore_rows, trl_batch) in enumerate(zip(rlcore_prompts, trl_prompts, strict=True)):
+        assert len(rlcore_rows) == ours.args.prompts_per_generation
+        # TRL's generation batch: each prompt num_generations times in a row
+        unique = trl_batch[::generation]
+        assert [_key(row) for row in trl_batch] == [_key(row) for row in unique for _ in range(generation)]
+        assert Counter(_key(rows[i]) for i in rlcore_rows) == Counter(_key(row) for row in unique), (
+            f"step {step}: TRL generates for other prompts than rlcore")
+    if rows_count is not None:  # the compared steps cross an epoch, and the next epoch is a new permutation
+        per_epoch = len(rows) // ours.args.prompts_per_generation
+        by_generation = {ours.schedule.micro_steps_for_optimizer_step(step)[0].generation: prompts
+                         for step, prompts in enumerate(rlcore_prompts)}
+        assert max(by_generation) >= per_epoch
+        assert by_generation[0] != by_generation[per_epoch]
+
+
+def test_trl_left_to_its_own_shuffle_generates_for_other_prompts(example, tmp_path, tiny_model_path):
+    """The step-by-step comparison above can tell the orders apart: TRL's own shuffle of the rows disagrees."""
+    from collections import Counter
+
+    rows = example.dataset()
+    ours, theirs = _both_trainers(example, tmp_path, tiny_model_path, rows, {"max_steps": 200}, trl_rows=rows,
+                                  shuffle_dataset=True)
+    rlcore_prompts = _rlcore_step_prompts(ours, 3)
+    trl_prompts = _trl_step_prompts(theirs, 3)
+    generation = ours.args.num_generations
+    assert all(Counter(_key(rows[i]) for i in ours_rows) != Counter(_key(row) for row in batch[::generation])
+               for ours_rows, batch in zip(rlcore_prompts, trl_prompts, strict=True))
 
 
 # --------------------------------------------------------------------------------------- rewards in TRL
