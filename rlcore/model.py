@@ -127,11 +127,19 @@ def policy_from_module(module: torch.nn.Module, tokenizer: Any, model_config: Mo
 
 
 def prepare_for_training(model: Any, model_config: ModelConfig, grpo_config: GRPOConfig | None) -> None:
-    """What every policy gets before training: gradient checkpointing (``grpo_config.gradient_checkpointing``),
+    """What every policy gets before training: a float32 residual stream when its frozen weights are float16,
+    gradient checkpointing (``grpo_config.gradient_checkpointing``),
     rlcore's kernels on CUDA (``model_config.kernels``), and the layers left out of recomputation
     (``grpo_config.activation_memory_gib``), and on the CPU ``model_config.cpu_threads``."""
     if model_config.cpu_threads is not None and not next(model.parameters()).is_cuda:
         torch.set_num_threads(model_config.cpu_threads)
+    if any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad):
+        # the residual stream is what passes float16's 65,504 first, so it stays float32: here for every way a
+        # policy is built (a loaded checkpoint, vLLM's shared weights, a module the caller built); before the
+        # kernels, which keep the hooks; idempotent
+        from rlcore.kernels.fp16_stability import keep_residual_fp32
+
+        keep_residual_fp32(model)
     if grpo_config is not None and grpo_config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if model_config.kernels and next(model.parameters()).is_cuda:
@@ -169,11 +177,6 @@ def load_base_model(path: str, model_config: ModelConfig):
     model.to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if dtype == torch.float16:
-        # as on the vLLM path: the residual stream is what passes float16's 65,504 first, so it stays float32
-        from rlcore.kernels.fp16_stability import keep_residual_fp32
-
-        keep_residual_fp32(model)
     return model
 
 

@@ -177,8 +177,31 @@ def test_hf_path_keeps_the_residual_stream_fp32_in_float16(monkeypatch):
     monkeypatch.setattr(model_module, "compute_dtype", lambda config, device: torch.float16)  # as on a GPU
     config = ModelConfig(model_name_or_path="tiny", dtype="float16", engine="hf")
     model = model_module.load_base_model(build_tiny_model(), config)
+    model_module.prepare_for_training(model, config, None)  # as load_policy does after add_lora
     assert next(model.parameters()).dtype == torch.float16
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True)
     assert all(h.dtype == torch.float32 for h in out.hidden_states[1:-1]), [h.dtype for h in out.hidden_states]
     assert torch.isfinite(out.logits).all()
+
+
+def test_a_float16_module_the_caller_built_gets_the_fp32_residual_stream():
+    """``policy_from_module`` (a model built outside rlcore, e.g. in a notebook) sets up float16 as load_policy does:
+    fp32 hidden states between the decoder layers, float16 weights, finite logits; a float32 module gets no hooks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlcore.config import ModelConfig
+    from rlcore.model import policy_from_module
+    from rlcore.tiny_model import build_tiny_model
+
+    path = build_tiny_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    for dtype, hidden_dtype in ((torch.float16, torch.float32), (torch.float32, torch.float32)):
+        module = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        policy = policy_from_module(module, tokenizer, ModelConfig(model_name_or_path="tiny", engine="hf"))
+        base = policy.model.get_base_model()
+        assert bool(getattr(base, "_rlcore_fp32_residual_hooks", None)) == (dtype == torch.float16)
+        with torch.no_grad():
+            out = policy.model(torch.tensor([[1, 2, 3, 4]]), output_hidden_states=True)
+        assert all(h.dtype == hidden_dtype for h in out.hidden_states[1:-1]), [h.dtype for h in out.hidden_states]
+        assert torch.isfinite(out.logits).all()
