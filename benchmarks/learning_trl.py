@@ -144,7 +144,8 @@ def trl_train_rows(rows: list[dict[str, Any]], grpo_config) -> list[dict[str, An
     With ``shuffle_dataset=False`` TRL 1.16's RepeatSampler cuts its dataset into consecutive chunks of
     generation_batch_size / num_generations rows and generation g takes chunk g (each row num_generations times),
     the chunk replayed for steps_per_generation × num_iterations micro-steps; so TRL's generation g, and with it
-    its optimizer step k, gets the prompts of rlcore's generation g. The list is a whole number of chunks and lasts the run.
+    its optimizer step k, gets the prompts of rlcore's generation g. The list is a whole number of chunks and lasts
+    the run.
     """
     return [rows[index] for index in rlcore_prompt_order(grpo_config, len(rows))]
 

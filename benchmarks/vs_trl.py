@@ -118,7 +118,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -136,15 +136,6 @@ QUICK_BUDGET_S = 525
 DEFAULT_BUDGET_S = 570  # a device call may run 600 s
 MIN_CHILD_S = 120  # a framework process that can not get this long is not started
 ISSUE_GENERATIONS = 8  # completions per prompt of the benchmark's settings, and of the probes by default
-
-
-def probe_setting_for(completion_length: int, num_generations: int = ISSUE_GENERATIONS) -> Setting:
-    """:func:`vs_trl_setup.probe_setting` with ``num_generations`` completions (at least 2): one sequence per
-    micro-batch and one micro-batch trained, so the training-phase peak does not depend on the count while the
-    no-grad log-prob pass (over every completion) takes time in proportion to it."""
-    base = probe_setting(completion_length)
-    return replace(base, name=f"{base.num_prompts}x{num_generations}x{completion_length}",
-                   num_generations=num_generations)
 
 
 # ====================================================================== framework processes
@@ -566,7 +557,7 @@ def run_longest(args, budget: Budget, work: str, frameworks: list[str]) -> dict[
         later = len(frameworks) - index - 1
 
         def probe(length: int, framework=framework, later=later) -> dict[str, Any]:
-            result = run_framework(framework, probe_setting_for(length, args.probe_generations), args, work,
+            result = run_framework(framework, probe_setting(length, args.probe_generations), args, work,
                                    prompts, _child_timeout(args, budget, later, probe=True), warmup=0, steps=1,
                                    probe=True)
             return {**probe_record(result), "length": length}
@@ -653,7 +644,7 @@ def dry_run(args, settings: list[Setting], frameworks: list[str]) -> int:
     from vs_trl_setup import rlcore_configs, setting_mismatches, trl_config, trl_lora_config
 
     extra = {} if torch.cuda.is_available() else {"use_cpu": True}
-    probes = [] if args.skip_longest else [probe_setting_for(length, args.probe_generations)
+    probes = [] if args.skip_longest else [probe_setting(length, args.probe_generations)
                                            for length in args.probe_lengths or [args.longest_start]]
     for setting in ([] if args.longest_only else settings) + probes:
         model_config, grpo_config = rlcore_configs(setting, args.model_dir, "/tmp/vs_trl_dry", 1,

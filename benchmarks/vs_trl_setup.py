@@ -104,10 +104,12 @@ SETTINGS = {
 }
 
 
-def probe_setting(completion_length: int) -> Setting:
-    """The longest-completion probe: 1 prompt × 8 completions of ``completion_length``, one sequence per
-    micro-batch, one micro-batch trained."""
-    return Setting(f"1x8x{completion_length}", num_prompts=1, num_generations=8,
+def probe_setting(completion_length: int, num_generations: int = 8) -> Setting:
+    """The longest-completion probe: 1 prompt × ``num_generations`` completions (8, the benchmark's, unless
+    given; at least 2) of ``completion_length``, one sequence per micro-batch, one micro-batch trained, so the
+    training-phase peak does not depend on the count while the no-grad log-prob pass (over every completion)
+    takes time in proportion to it."""
+    return Setting(f"1x{num_generations}x{completion_length}", num_prompts=1, num_generations=num_generations,
                    completion_length=completion_length, micro_batch=1, accumulate=False)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from rlcore.kernels.fp8_linear import FP8_DTYPE, FP8Linear, quantize_fp8_reference
 from rlcore.model_source import (
     ModelLoadError,
-    checkpoint_quantization_config,
+    checkpoint_quantization,
     fp8_checkpoint_format,
 )
 
@@ -169,8 +169,8 @@ def _source_config(source_dir: str) -> dict[str, Any]:
         config = json.load(handle)
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_path}: expected a JSON object")
-    if config.get("quantization_config"):
-        method = checkpoint_quantization_config(source_dir).get("quant_method", "unknown")
+    method = checkpoint_quantization(source_dir)
+    if method is not None:
         raise ModelLoadError(f"source_dir={source_dir!r} is already quantized (config.json quantization_config."
                              f"quant_method={method!r}); give the 16-bit checkpoint")
     return config
@@ -334,8 +334,18 @@ def _projection_weights(path: str):
 
 # ------------------------------------------------------------------ command line
 def _weight_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)
-               if name.endswith(".safetensors"))
+    return sum(os.path.getsize(os.path.join(directory, shard)) for shard in _shards(directory))
+
+
+def _scale_count(directory: str) -> int:
+    """How many ``weight_scale`` tensors the checkpoint's shards hold, from their headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    count = 0
+    for shard in _shards(directory):
+        with safe_open(os.path.join(directory, shard), framework="pt") as handle:
+            count += sum(key.endswith(".weight" + SCALE_SUFFIX) for key in handle.keys())
+    return count
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     before, after = _weight_bytes(os.path.abspath(os.path.expanduser(args.source))), _weight_bytes(path)
-    count = len(read_fp8_projections(path))
+    count = _scale_count(path)  # read_fp8_projections would load every FP8 weight just to count them
     print(f"wrote {path}: {count} tensors quantized to float8_e4m3fn (one float32 scale each); weights "
           f"{before / 2**20:,.1f} MiB → {after / 2**20:,.1f} MiB ({after / before:.2f}×)")
     return 0

@@ -133,7 +133,7 @@ def prepare_for_training(model: Any, model_config: ModelConfig, grpo_config: GRP
     (``grpo_config.activation_memory_gib``), and on the CPU ``model_config.cpu_threads``."""
     if model_config.cpu_threads is not None and not next(model.parameters()).is_cuda:
         torch.set_num_threads(model_config.cpu_threads)
-    if any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad):
+    if has_float16_weights(model):
         # the residual stream is what passes float16's 65,504 first, so it stays float32: here for every way a
         # policy is built (a loaded checkpoint, vLLM's shared weights, a module the caller built); before the
         # kernels, which keep the hooks; idempotent
@@ -148,6 +148,12 @@ def prepare_for_training(model: Any, model_config: ModelConfig, grpo_config: GRP
         logger.info("kernels applied to the training model: %s", apply_kernels(model, lora=True))
     if grpo_config is not None and grpo_config.activation_memory_gib is not None:
         plan_recompute(model, grpo_config)
+
+
+def has_float16_weights(model: torch.nn.Module) -> bool:
+    """Whether the policy's frozen weights are float16: it then keeps its residual stream in float32
+    (:func:`prepare_for_training`) and the trainer scales its loss dynamically."""
+    return any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)
 
 
 def compute_dtype(model_config: ModelConfig, device: torch.device) -> torch.dtype:

@@ -25,7 +25,7 @@ from rlcore.kernels import offload_activations
 from rlcore.kernels.fp16_stability import DynamicLossScaler
 from rlcore.logprobs import completion_logprobs
 from rlcore.loss import LossSettings, grpo_loss, importance_sampling_correction, sampler_mismatch
-from rlcore.model import Policy, load_policy, policy_from_module
+from rlcore.model import Policy, has_float16_weights, load_policy, policy_from_module
 from rlcore.output_dir import prepare_output_dir
 from rlcore.reporting import RunReporter, SilentReporter
 from rlcore.rewards import RewardFunction, as_reward_function, score_completions
@@ -119,7 +119,7 @@ class GRPOTrainer:
         self._prompt_cache: dict[tuple[str, int], tuple[list[int], bool]] = {}  # (split, row) → ids, truncated
         self._nonfinite_in_step: bool | torch.Tensor = False  # a device flag while the step runs (no sync)
         # float16 weights: 16-bit gradients underflow without scaling the loss (kernels/fp16_stability.py)
-        self.loss_scaler = DynamicLossScaler() if _has_float16_weights(self.model) else None
+        self.loss_scaler = DynamicLossScaler() if has_float16_weights(self.model) else None
         self._consecutive_nonfinite = 0
         self._skipped_steps = 0
         self._warned_dead_update = False
@@ -770,11 +770,6 @@ def _floats(values: dict[str, torch.Tensor]) -> dict[str, float]:
         return {}
     numbers = torch.stack([v.detach().reshape(()).double() for v in values.values()]).cpu().tolist()
     return dict(zip(values, numbers))
-
-
-def _has_float16_weights(model: torch.nn.Module) -> bool:
-    """Whether the policy's frozen weights are float16 (they get dynamic loss scaling)."""
-    return any(p.dtype == torch.float16 for p in model.parameters() if not p.requires_grad)
 
 
 def _length_metrics(batch: RolloutBatch) -> dict[str, float]:

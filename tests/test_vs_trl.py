@@ -626,13 +626,14 @@ def test_probe_generations_reach_the_probe_setting(monkeypatch, tmp_path):
 
 
 def test_two_completion_probes_get_identical_settings_in_both_frameworks():
-    probe = vs_trl.probe_setting_for(32768, 2)
+    probe = setup.probe_setting(32768, 2)
     model_config, grpo_config, trl_config, lora = _both(probe)
     assert setup.setting_mismatches(model_config, grpo_config, trl_config, lora) == []
     for config in (grpo_config, trl_config):
         assert (config.num_generations, config.generation_batch_size, config.per_device_train_batch_size) == (2, 2, 1)
         assert (config.steps_per_generation, config.gradient_accumulation_steps) == (2, 1)
-    assert vs_trl.probe_setting_for(4096) == setup.probe_setting(4096)  # the default is the benchmark's 8
+    default = setup.probe_setting(4096)  # the default is the benchmark's 8
+    assert (default.name, default.num_generations) == ("1x8x4096", vs_trl.ISSUE_GENERATIONS)
 
 
 @pytest.mark.parametrize("argv, message", [
